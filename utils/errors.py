@@ -1,0 +1,16 @@
+"""User-facing errors: the CLI prints them as one `error: ...` line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad file, bad data). Never shown with a traceback.
+
+    The message names the flag or file and says what is wrong, without the leading `error:`.
+    """
+
+
+class UserErrors(UserError):
+    """Several user mistakes found at once; printed one `error:` line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

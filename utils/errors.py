@@ -14,3 +14,10 @@ class UserErrors(UserError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class RunAborted(Exception):
+    """Training cannot go on (diverged, out of memory at batch 1); what was saved before stays usable.
+
+    Printed as one `error:` line with exit code 1: not a usage mistake, but no traceback helps the user either.
+    """

@@ -1,0 +1,157 @@
+"""Every setting of a run, one dataclass per concern. Each field is a command-line flag of the same name.
+
+The string under each field is its help text (`train_low_mem.py train --help` prints it). Bounds live in the
+field's metadata so that `utils.flags` can check them and name the flag in the error. Relative paths are relative
+to the repository root, so the defaults work from any working directory.
+"""
+import os
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# `auto` decides from the machine's RAM (under 15 GB: low-memory settings), once, on the main process.
+AutoBool = Union[bool, Literal["auto"]]
+AutoInt = Union[int, Literal["auto"]]
+
+
+def resolve_path(path: str) -> str:
+    """A path as the user meant it: relative paths are relative to the repository root."""
+    return path if os.path.isabs(path) else os.path.join(PROJECT_ROOT, path)
+
+
+def with_resolved_paths(cfg):
+    """A copy of a train config whose file and directory fields are absolute (see `resolve_path`)."""
+    paths = ("train_file", "validation_file", "tokenizer_dir", "output_dir", "log_dir")
+    resolved = {name: ",".join(resolve_path(p.strip()) for p in getattr(cfg, name).split(",")) for name in paths}
+    return replace(cfg, **resolved)
+
+
+def bounded(default, min=None, max=None):
+    """A field whose value must lie in [min, max]; `utils.flags` reports the flag when it does not."""
+    return field(default=default, metadata={"min": min, "max": max})
+
+
+@dataclass
+class T5ModelConfig:
+    """Shape of the T5 encoder-decoder. The vocabulary size and special ids come from the tokenizer."""
+
+    d_model: int = bounded(768, min=8)
+    """Width of every hidden state."""
+    d_ff: int = bounded(3072, min=8)
+    """Width of the feed-forward layers."""
+    num_heads: int = bounded(12, min=1)
+    """Attention heads per layer."""
+    d_kv: int = bounded(64, min=4)
+    """Width of each attention head."""
+    num_layers: int = bounded(10, min=1)
+    """Encoder layers."""
+    num_decoder_layers: int = bounded(10, min=1)
+    """Decoder layers."""
+    dropout_rate: float = bounded(0.1, min=0.0, max=0.9)
+    """Dropout probability during training."""
+    relative_attention_num_buckets: int = bounded(32, min=2)
+    """Buckets of T5's relative position bias."""
+
+
+@dataclass
+class TrainConfig:
+    """A general pre-training run (the original project's defaults)."""
+
+    # --- data ---
+    train_file: str = "data/my_train_dataset.parquet"
+    """Training parquet: a path, a glob or comma-separated paths, columns `prompt` and `response`."""
+    validation_file: str = "data/my_valid_dataset.parquet"
+    """Validation parquet for BLEU-4 and eval loss."""
+    tokenizer_dir: str = "model_save/tokenizer"
+    """Tokenizer directory; trained from `train_file` when it holds none."""
+    vocab_size: int = bounded(32000, min=300)
+    """Vocabulary size when a tokenizer has to be trained."""
+    tokenizer_train_rows: int = bounded(1_000_000, min=0)
+    """Rows sampled to train a tokenizer (0 = all rows)."""
+    max_seq_len: int = bounded(256, min=8)
+    """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated."""
+    dataloader_buffer_size: int = bounded(50000, min=1)
+    """Shuffle window in rows; also bounds how many rows are held in memory."""
+    ultra_low_mem: AutoBool = "auto"
+    """Re-open the parquet file for every read and cache nothing (auto: on under 15 GB of RAM)."""
+    num_workers: AutoInt = "auto"
+    """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM, else 2)."""
+    pin_memory: AutoBool = "auto"
+    """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
+
+    # --- optimisation ---
+    epochs: int = bounded(8, min=1)
+    """Passes over the training data; sets the length of the learning-rate schedule."""
+    batch_size_per_gpu: int = bounded(16, min=1)
+    """Rows per micro-batch on each process."""
+    gradient_accumulation_steps: int = bounded(8, min=1)
+    """Micro-batches per optimizer step on each process."""
+    learn_rate: float = bounded(1e-4, min=0.0)
+    """Peak learning rate, reached at the end of warmup."""
+    warmup_steps: int = bounded(1024, min=0)
+    """Optimizer steps of linear warmup from 0 to `learn_rate`; cosine decay to 0.1x follows."""
+    weight_decay: float = bounded(0.01, min=0.0)
+    """AdamW decoupled weight decay (not applied to biases and layer norms)."""
+    max_grad_norm: float = bounded(1.0, min=0.0)
+    """Clip the gradient norm to this (0 = no clipping); the pre-clip norm is logged."""
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    """bf16, fp16 or no; bf16 falls back to fp32 (with a log line) where the device lacks it."""
+    seed: int = bounded(23333, min=0)
+    """Seed of the data order, initial weights and dropout."""
+    max_bad_steps: int = bounded(20, min=1)
+    """Stop after this many consecutive optimizer steps with a non-finite loss or gradient."""
+
+    # --- checkpoints, evaluation, logging ---
+    output_dir: str = "model_save/pretrain"
+    """Where checkpoints, metrics.jsonl, best models and final/ go."""
+    is_keep_training: bool = False
+    """Resume from the newest complete state in `output_dir`."""
+    save_steps: int = bounded(10000, min=1)
+    """Evaluate and save a resumable state every this many optimizer steps."""
+    keep_latest_n_ckp: int = bounded(5, min=0)
+    """Best models (by BLEU-4) kept on disk; 0 keeps none."""
+    eval_max_samples: int = bounded(1000, min=0)
+    """Validation rows per evaluation (greedy generation is slow; see the README)."""
+    eval_batch_size: int = bounded(32, min=1)
+    """Rows per generation batch during evaluation."""
+    max_steps: int = bounded(0, min=0)
+    """Stop once the global optimizer step reaches this (0 = no cap); never changes the schedule."""
+    logging_steps: int = bounded(50, min=1)
+    """Log loss, lr and throughput every this many optimizer steps."""
+    memory_cleanup_steps: int = bounded(50, min=0)
+    """Run gc and empty the CUDA cache every this many optimizer steps (0 = never)."""
+    memory_log_steps: int = bounded(200, min=0)
+    """Log RSS, free RAM and GPU memory every this many optimizer steps (0 = never)."""
+    log_dir: str = "logs"
+    """Directory of the human log chat_trainer_low_mem_YYYYMMDD.log."""
+    report_to: str = "none"
+    """Experiment tracker through Accelerate: none, tensorboard, wandb, ... (comma-separated)."""
+
+
+@dataclass
+class TrainConfigPretrainLarge(TrainConfig):
+    """10M rows on 3 GPUs of 20 GB and 12 GB of host RAM (the user's guide)."""
+
+    train_file: str = "data/pretrain_train_10m.parquet"
+    """Training parquet: a path, a glob or comma-separated paths, columns `prompt` and `response`."""
+    validation_file: str = "data/pretrain_valid_100k.parquet"
+    """Validation parquet for BLEU-4 and eval loss."""
+    max_seq_len: int = bounded(192, min=8)
+    """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated."""
+    dataloader_buffer_size: int = bounded(5000, min=1)
+    """Shuffle window in rows; also bounds how many rows are held in memory."""
+    epochs: int = bounded(3, min=1)
+    """Passes over the training data; sets the length of the learning-rate schedule."""
+    batch_size_per_gpu: int = bounded(32, min=1)
+    """Rows per micro-batch on each process."""
+    gradient_accumulation_steps: int = bounded(2, min=1)
+    """Micro-batches per optimizer step on each process."""
+    output_dir: str = "model_save/pretrain_large"
+    """Where checkpoints, metrics.jsonl, best models and final/ go."""
+    save_steps: int = bounded(5000, min=1)
+    """Evaluate and save a resumable state every this many optimizer steps."""
+    logging_steps: int = bounded(100, min=1)
+    """Log loss, lr and throughput every this many optimizer steps."""
+    eval_max_samples: int = bounded(1000, min=0)
+    """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""

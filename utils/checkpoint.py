@@ -1,0 +1,191 @@
+"""Resumable state, the best-k models and `final/`, all written so that a crash at any instant loses nothing.
+
+Layout under `output_dir`:
+    state/step-00001234/   Accelerate's save_state (model, optimizer, scheduler, every rank's RNG, TrainingState)
+                           plus run.json and the COMPLETE marker, written last
+    best/step-00001234/    Hugging Face model + tokenizer, the top `keep_latest_n_ckp` by BLEU-4
+    checkpoints.json       {"best": [...]}, best first
+    final/                 the model at the end of every invocation
+
+Every directory is written under a temporary name, fsynced, then renamed: a reader never sees half of one.
+"""
+import json
+import logging
+import os
+import shutil
+
+STATE_DIR, BEST_DIR, FINAL_DIR = "state", "best", "final"
+COMPLETE_MARKER = "COMPLETE"
+TMP_PREFIX = "tmp-"
+log = logging.getLogger("trainer")
+
+
+def fsync_tree(path: str) -> None:
+    """Flush every file and directory under `path` to disk, so a rename after it publishes complete data."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json_atomically(path: str, payload) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(payload, out, ensure_ascii=False, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def publish(tmp: str, final: str) -> None:
+    """Atomically replace `final` by the complete directory `tmp` (the old one survives until the swap)."""
+    fsync_tree(tmp)
+    old = None
+    if os.path.exists(final):
+        old = f"{os.path.dirname(final)}/{TMP_PREFIX}old-{os.path.basename(final)}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def state_name(state) -> str:
+    """Unique per data position: the end-of-epoch state differs from the one saved at the same step before it."""
+    return f"{step_name(state.global_step)}-epoch-{state.epoch:04d}-{state.epoch_sample:012d}"
+
+
+def complete_states(output_dir: str) -> list[str]:
+    """Complete state directories, oldest first; temporary or unmarked ones (a crash mid-write) are ignored."""
+    root = os.path.join(output_dir, STATE_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+    return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, COMPLETE_MARKER))]
+
+
+def save_hf_model(accelerator, model, tokenizer, target: str) -> None:
+    """`save_pretrained` (safetensors) + tokenizer into `target`, atomically. Call on every rank."""
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed: every rank takes part
+    if accelerator.is_main_process:
+        tmp = os.path.join(os.path.dirname(target), TMP_PREFIX + os.path.basename(target))
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        publish(tmp, target)
+    accelerator.wait_for_everyone()
+
+
+class Checkpointer:
+    """Saves and finds resumable training state; decides itself when a save is due."""
+
+    def __init__(self, accelerator, output_dir: str, save_steps: int, run_description: dict):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.save_steps = save_steps
+        self.run_description = run_description
+        self.last_saved = None  # name of the state this invocation wrote last
+
+    def due(self, step: int) -> bool:
+        return step % self.save_steps == 0
+
+    def saved_at(self, step: int) -> bool:
+        return self.last_saved is not None and self.last_saved.startswith(step_name(step))
+
+    def save(self, state) -> None:
+        """Write `state` and the model, optimizer, scheduler and RNGs (all ranks); keep only the newest."""
+        name = state_name(state)
+        if self.last_saved == name:
+            return
+        root = os.path.join(self.output_dir, STATE_DIR)
+        final = os.path.join(root, name)
+        tmp = os.path.join(root, TMP_PREFIX + name)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(tmp)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with open(os.path.join(tmp, "run.json"), "w", encoding="utf-8") as out:
+                json.dump(self.run_description, out, indent=2, ensure_ascii=False)
+            fsync_tree(tmp)
+            with open(os.path.join(tmp, COMPLETE_MARKER), "w") as marker:
+                marker.write(str(state.global_step))
+                os.fsync(marker.fileno())
+            publish(tmp, final)
+            self._remove_all_but(final)
+        self.accelerator.wait_for_everyone()
+        self.last_saved = name
+        log.info("saved resumable state at step %d: %s", state.global_step, final)
+
+    def _remove_all_but(self, keep: str) -> None:
+        root = os.path.dirname(keep)
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> str | None:
+        states = complete_states(self.output_dir)
+        return states[-1] if states else None
+
+    def load(self, path: str) -> None:
+        """Restore model, optimizer, scheduler, every rank's RNG states and the TrainingState."""
+        self.accelerator.load_state(path)
+
+
+class BestModels:
+    """The top `keep` models by BLEU-4 on disk, listed best first in checkpoints.json.
+
+    Ties keep the earlier model: an equal score never displaces a model already in the top k.
+    """
+
+    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.keep = keep
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def ranked(entries: list) -> list:
+        return sorted(entries, key=lambda e: (-e["bleu4"], e["step"]))
+
+    def consider(self, model, state, bleu4: float) -> bool:
+        """Save the model if it enters the top k; delete whatever falls out. Call on every rank."""
+        candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", "bleu4": bleu4,
+                     "epoch": state.epoch, "step": state.global_step}
+        others = [e for e in state.best if e["step"] != state.global_step]
+        best = self.ranked(others + [candidate])[: self.keep]
+        entered = candidate in best
+        if entered:
+            save_hf_model(self.accelerator, model, self.tokenizer, os.path.join(self.output_dir, candidate["path"]))
+        state.best = best
+        self.sync_disk(best)
+        return entered
+
+    def sync_disk(self, best: list) -> None:
+        """Make checkpoints.json and best/ match `best` exactly (also after a resume drops newer models)."""
+        if self.accelerator.is_main_process:
+            write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"best": best})
+            root = os.path.join(self.output_dir, BEST_DIR)
+            kept = {os.path.basename(e["path"]) for e in best}
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name not in kept:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()

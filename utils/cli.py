@@ -1,0 +1,64 @@
+"""What every command shares: user errors become one `error:` line and exit code 2, flags become configs."""
+import functools
+import sys
+
+from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
+from utils.errors import UserError, UserErrors
+from utils.flags import FlagProblem, build, check_bounds, help_text, to_bool, to_int
+
+EXIT_USER_ERROR = 2
+
+
+def command(function):
+    """Run a CLI command; a UserError prints `error: ...` (one line per problem) and exits 2, no traceback."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        # Commands that take **flags would otherwise receive `--help` as an unknown flag.
+        if kwargs.pop("help", False):
+            print(run.__doc__)
+            return None
+        try:
+            return function(*args, **kwargs)
+        except UserError as error:
+            problems = error.problems if isinstance(error, UserErrors) else [str(error)]
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return run
+
+
+def flag_bool(name: str, value) -> bool:
+    try:
+        return to_bool(value)
+    except FlagProblem as problem:
+        raise UserError(f"--{name}={value!r} {problem}") from None
+
+
+def flag_int(name: str, value, minimum: int) -> int:
+    try:
+        number = to_int(value)
+    except FlagProblem as problem:
+        raise UserError(f"--{name}={value!r} {problem}") from None
+    problem = check_bounds(name, number, {"min": minimum})
+    if problem:
+        raise UserError(problem)
+    return number
+
+
+def train_configs(use_large_config, flags: dict, extra: dict | None = None):
+    """The train config (large or general) and the model config from the flags; plus any `extra` flags."""
+    config_class = TrainConfigPretrainLarge if flag_bool("use_large_config", use_large_config) else TrainConfig
+    (cfg, model_cfg), extras = build([config_class, T5ModelConfig], flags, extra)
+    return (cfg, model_cfg, extras) if extra is not None else (cfg, model_cfg)
+
+
+def large_config_defaults() -> str:
+    general, large = TrainConfig(), TrainConfigPretrainLarge()
+    changed = [f"{k}={v!r}" for k, v in vars(large).items() if getattr(general, k) != v]
+    return "With --use_large_config=True these defaults change: " + ", ".join(changed)
+
+
+def train_help() -> str:
+    return "\n\n".join([help_text([TrainConfig, T5ModelConfig]), large_config_defaults()])

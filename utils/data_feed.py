@@ -1,0 +1,41 @@
+"""The training data for the trainer: one optimizer step's micro-batches at a time, from the saved position."""
+from torch.utils.data import DataLoader
+
+from model.dataset import LowMemParquetDataset
+
+
+class DataFeed:
+    """Builds the dataset for the batch settings in force (they change after out-of-memory recovery)."""
+
+    def __init__(self, cfg, tokenizer, runtime, accelerator):
+        self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self.num_rows = self.dataset(batch_size=1, accumulation=1).num_rows
+
+    def dataset(self, batch_size: int, accumulation: int) -> LowMemParquetDataset:
+        cfg = self.cfg
+        return LowMemParquetDataset(
+            cfg.train_file.split(","), self.tokenizer, max_seq_len=cfg.max_seq_len, batch_size=batch_size,
+            buffer_size=cfg.dataloader_buffer_size, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+            ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation, yield_steps=True)
+
+    def global_batch_size(self, state) -> int:
+        return state.batch_size_per_gpu * state.gradient_accumulation_steps * self.world_size
+
+    def epoch_steps(self, state):
+        """The remaining steps of `state.epoch`, starting right after `state.epoch_sample` global samples.
+
+        A new epoch takes the current global batch size as its layout (the order of its rows); a begun epoch
+        keeps the layout it started with, so a resume on another number of processes sees the same rows.
+        """
+        if state.epoch_sample >= self.num_rows:
+            return  # the state was saved after the epoch's last step: nothing of it is left
+        if state.epoch_sample == 0:
+            state.layout_size = self.global_batch_size(state)
+        dataset = self.dataset(state.batch_size_per_gpu, state.gradient_accumulation_steps)
+        position = dataset.state_at(state.epoch, state.epoch_sample)
+        position["layout_size"] = state.layout_size
+        dataset.load_state_dict(position)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.runtime.num_workers,
+                            pin_memory=self.runtime.pin_memory)
+        yield from loader

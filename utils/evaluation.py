@@ -1,0 +1,111 @@
+"""Evaluation: validation loss and BLEU-4 of greedy generations, split across ranks and gathered as strings."""
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from utils.errors import UserError
+from utils.metrics import bleu4
+
+log = logging.getLogger("trainer")
+EXAMPLES_LOGGED = 3
+
+
+@dataclass
+class EvalResult:
+    bleu4: float
+    eval_loss: float
+    samples: int
+    examples: list  # (prompt, reference, generation) triples
+
+
+def read_rows(path: str, max_rows: int) -> tuple[list[str], list[str]]:
+    """The first `max_rows` rows with a non-empty prompt and response, read one record batch at a time."""
+    prompts, responses = [], []
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["prompt", "response"])
+        for batch in batches:
+            for prompt, response in zip(*(batch.column(i).to_pylist() for i in range(2))):
+                if prompt and response:
+                    prompts.append(prompt)
+                    responses.append(response)
+                    if len(prompts) == max_rows:
+                        return prompts, responses
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    return prompts, responses
+
+
+def padded(sequences: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), pad, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = sequence
+    return torch.from_numpy(out)
+
+
+def token_loss_sum(model, input_ids, attention_mask, labels, bare_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy and the number of target tokens: the quantities that add up across batches.
+
+    `bare_model` is the unwrapped model when `model` is a DDP wrapper (which lacks the label-shifting helper).
+    """
+    decoder_input_ids = (bare_model or model).prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+class Evaluator:
+    """Scores a model on the first `max_samples` usable rows of a parquet file; rank r takes rows r, r+W, ..."""
+
+    def __init__(self, accelerator, tokenizer, path: str, max_samples: int, batch_size: int, max_seq_len: int):
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        prompts, responses = read_rows(path, max_samples) if max_samples else ([], [])
+        self.total = len(prompts)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.prompts, self.references = prompts[rank::world], responses[rank::world]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_seq_len)["input_ids"]
+
+    def batches(self):
+        """Batches of similar prompt length (little padding, faster generation), in a fixed order."""
+        prompt_ids, response_ids = self.encode(self.prompts), self.encode(self.references)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start: start + self.batch_size]
+            input_ids = padded([prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
+            labels = padded([response_ids[i] for i in rows], -100)
+            yield rows, input_ids, (input_ids != self.tokenizer.pad_token_id).long(), labels
+
+    @torch.no_grad()
+    def evaluate(self, model) -> EvalResult:
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        device = self.accelerator.device
+        loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        generations = [""] * len(self.prompts)
+        with self.accelerator.autocast():
+            for rows, input_ids, attention_mask, labels in self.batches():
+                input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
+                batch_loss, batch_tokens = token_loss_sum(unwrapped, input_ids, attention_mask, labels)
+                loss_sum += batch_loss
+                tokens += batch_tokens
+                output = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                            num_beams=1, max_new_tokens=self.max_seq_len, use_cache=True)
+                for row, text in zip(rows, self.tokenizer.batch_decode(output, skip_special_tokens=True)):
+                    generations[row] = text
+        unwrapped.train(was_training)
+        totals = self.accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
+        triples = gather_object(list(zip(self.prompts, self.references, generations)))
+        score = bleu4([t[2] for t in triples], [t[1] for t in triples])
+        eval_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        return EvalResult(score, eval_loss, len(triples), triples[:EXAMPLES_LOGGED])

@@ -1,0 +1,48 @@
+"""Memory hygiene: periodic cleanup and memory reports, each deciding its own timing from the step number."""
+import gc
+import logging
+
+import psutil
+import torch
+
+MB = 1024**2
+log = logging.getLogger("trainer")
+
+
+def memory_report() -> dict:
+    """Process RSS and available RAM, plus allocated / reserved / peak memory of each visible GPU, in MB."""
+    report = {
+        "rss_mb": round(psutil.Process().memory_info().rss / MB, 1),
+        "available_ram_mb": round(psutil.virtual_memory().available / MB, 1),
+    }
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        report.update(
+            gpu_allocated_mb=round(torch.cuda.memory_allocated(device) / MB, 1),
+            gpu_reserved_mb=round(torch.cuda.memory_reserved(device) / MB, 1),
+            gpu_peak_mb=round(torch.cuda.max_memory_allocated(device) / MB, 1),
+        )
+    return report
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class MemoryHygiene:
+    """Every `cleanup_steps`: gc + CUDA cache release. Every `log_steps`: a memory line (log and metrics)."""
+
+    def __init__(self, cleanup_steps: int, log_steps: int, metrics):
+        self.cleanup_steps = cleanup_steps
+        self.log_steps = log_steps
+        self.metrics = metrics
+
+    def after_step(self, step: int) -> None:
+        if self.cleanup_steps and step % self.cleanup_steps == 0:
+            release_memory()
+        if self.log_steps and step % self.log_steps == 0:
+            report = memory_report()
+            log.info("memory at step %d: %s", step, ", ".join(f"{k}={v}" for k, v in report.items()))
+            self.metrics.write("memory", step=step, **report)

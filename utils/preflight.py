@@ -1,0 +1,99 @@
+"""Pre-flight: every problem a user can fix, found at once before a model is built, one line each (exit 2).
+
+It reads only parquet footers and small files, so it costs well under a second even for 10M rows, and runs on
+every rank identically (no communication needed: the answers depend only on the shared files).
+"""
+import logging
+import math
+import os
+import shutil
+
+from model.dataset import _expand_paths as expand_paths, _read_footer as read_footer  # TODO public
+from model.t5 import estimate_parameters
+from utils.checkpoint import complete_states
+from utils.errors import UserError, UserErrors
+
+BYTES_PER_PARAMETER_SAVED = 4 * 5  # fp32: best model + final model + state (weights and two Adam moments)
+log = logging.getLogger("trainer")
+
+
+def file_rows(flag: str, files: str, problems: list) -> int:
+    """Rows in the files of one flag; each bad file adds a problem naming the flag and the file."""
+    rows = 0
+    try:
+        paths = expand_paths([p.strip() for p in files.split(",")])
+    except UserError as error:
+        problems.append(f"--{flag}: {error}")
+        return 0
+    for path in paths:
+        try:
+            rows += int(read_footer(path).sum())
+        except UserError as error:
+            problems.append(f"--{flag}: {error}")
+    return rows
+
+
+def check_tokenizer(cfg, problems: list) -> int | None:
+    """The tokenizer's size when `tokenizer_dir` holds one; a directory with something else is a problem."""
+    from model.tokenizer import has_tokenizer, load_tokenizer
+
+    if has_tokenizer(cfg.tokenizer_dir):
+        try:
+            return len(load_tokenizer(cfg.tokenizer_dir))
+        except UserError as error:
+            problems.append(f"--tokenizer_dir: {error}")
+    elif os.path.exists(cfg.tokenizer_dir) and not os.path.isdir(cfg.tokenizer_dir):
+        problems.append(f"--tokenizer_dir={cfg.tokenizer_dir}: is a file, not a directory")
+    return None
+
+
+def nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir(cfg, needed_bytes: int, problems: list) -> None:
+    existing = nearest_existing(cfg.output_dir)
+    if not os.path.isdir(existing):
+        problems.append(f"--output_dir={cfg.output_dir}: {existing} is a file, not a directory")
+        return
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"--output_dir={cfg.output_dir}: {existing} is not writable")
+        return
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        problems.append(f"--output_dir={cfg.output_dir}: {free / 1e9:.2f} GB free, a checkpoint and the resumable "
+                        f"state need about {needed_bytes / 1e9:.2f} GB")
+    if not cfg.is_keep_training and complete_states(cfg.output_dir):
+        problems.append(f"--output_dir={cfg.output_dir}: holds a previous run's resumable state; resume it with "
+                        "--is_keep_training=True, or choose another --output_dir (nothing was deleted)")
+
+
+def check_before_training(cfg, model_cfg) -> list[str]:
+    """Raise UserErrors listing every problem; return warnings for settings that work but look wrong."""
+    problems, warnings = [], []
+    train_rows = file_rows("train_file", cfg.train_file, problems)
+    valid_rows = file_rows("validation_file", cfg.validation_file, problems) if cfg.eval_max_samples else 0
+    needed_eval_rows = min(cfg.eval_max_samples, cfg.eval_batch_size)
+    if cfg.eval_max_samples and not problems and valid_rows < needed_eval_rows:
+        problems.append(f"--validation_file={cfg.validation_file}: {valid_rows} rows, fewer than one evaluation "
+                        f"batch ({needed_eval_rows} = min(--eval_max_samples, --eval_batch_size))")
+    if cfg.eval_max_samples == 0 and cfg.keep_latest_n_ckp > 0:
+        problems.append("--eval_max_samples=0 turns evaluation off, so no best model can be chosen: set "
+                        "--keep_latest_n_ckp=0 as well, or evaluate at least one row")
+    vocab = check_tokenizer(cfg, problems) or cfg.vocab_size
+    check_output_dir(cfg, estimate_parameters(model_cfg, vocab) * BYTES_PER_PARAMETER_SAVED, problems)
+    if model_cfg.d_kv * model_cfg.num_heads < 8:
+        problems.append("--num_heads x --d_kv must be at least 8")
+    if problems:
+        raise UserErrors(problems)
+    global_batch = cfg.batch_size_per_gpu * cfg.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
+    total_steps = cfg.epochs * math.ceil(train_rows / global_batch)
+    if cfg.warmup_steps >= total_steps:
+        warnings.append(f"--warmup_steps={cfg.warmup_steps} is not below the run's {total_steps} steps: the "
+                        "learning rate never reaches --learn_rate")
+    if cfg.save_steps > total_steps:
+        warnings.append(f"--save_steps={cfg.save_steps} exceeds the run's {total_steps} steps: states and "
+                        "evaluations happen only at epoch ends")
+    return warnings

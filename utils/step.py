@@ -1,0 +1,116 @@
+"""One optimizer step: accumulation over the step's micro-batches, token-normalised loss, clipping, the guards.
+
+The loss of a step is the sum of token cross-entropies over every micro-batch of every rank divided by the step's
+number of target tokens, which the data pipeline counts for the whole global batch (every rank builds the same
+global batch, so no communication is needed). Each micro-batch contributes `sum * W * A / T` because DDP averages
+gradients over the W ranks and Accelerate's `backward` divides by the A accumulation steps; the result is the
+exact gradient of the step's mean token loss, so accumulation and data parallelism are re-groupings of one sum.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from utils.evaluation import token_loss_sum
+
+# Test hook: pretend CUDA ran out of memory on any micro-batch with more rows than this (simulated OOM on CPU).
+SIMULATE_OOM_ENV = "T5LM_SIMULATE_OOM_ABOVE_ROWS"
+
+
+@dataclass
+class StepOutcome:
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    finite: bool = True
+    out_of_memory: bool = False
+    stop_requested: bool = False
+    target_tokens: int = 0  # response tokens of the whole global batch: the loss's weight
+    tokens: int = 0  # prompt + response tokens of the whole global batch, for throughput
+    lr: float = 0.0  # the learning rate this step used
+
+
+def rng_snapshot() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def restore_rng(snapshot: tuple) -> None:
+    """A retried step must draw the same dropout masks as if it had run once."""
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state_all(snapshot[1])
+
+
+def simulated_oom_limit() -> int:
+    return int(os.environ.get(SIMULATE_OOM_ENV, "0"))
+
+
+class StepRunner:
+    def __init__(self, accelerator, model, optimizer, scheduler, max_grad_norm: float):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
+        self.oom_limit = simulated_oom_limit()
+        # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
+        self.bare_model = accelerator.unwrap_model(model)
+
+    def any_rank(self, flag: bool) -> bool:
+        """The same answer on every rank: true when `flag` is true on at least one."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
+
+    def forward(self, batch) -> tuple[torch.Tensor | None, bool]:
+        """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
+        try:
+            if self.oom_limit and batch["input_ids"].shape[0] > self.oom_limit:
+                raise torch.OutOfMemoryError(f"simulated: {batch['input_ids'].shape[0]} rows > {self.oom_limit}")
+            batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+            loss, _ = token_loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     bare_model=self.bare_model)
+            return loss, False
+        except torch.OutOfMemoryError:
+            return None, True
+
+    def run(self, bundle: dict, stop_requested: bool) -> StepOutcome:
+        micro_batches, step_tokens = bundle["micro_batches"], bundle["step_tokens"]
+        scale = self.accelerator.num_processes * len(micro_batches) / max(step_tokens, 1)
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        local_tokens = sum(int(b["attention_mask"].sum()) + int((b["labels"] != -100).sum()) for b in micro_batches)
+        rng = rng_snapshot()
+        failed = False  # a backward ran out of memory; the other ranks learn it at the next agreement
+        self.accelerator.step = 0  # our bundles always hold exactly one accumulation cycle
+        for batch in micro_batches:
+            with self.accelerator.accumulate(self.model):
+                loss, oom = (None, True) if failed else self.forward(batch)
+                # Agree before backward: the last micro-step's backward all-reduces gradients on every rank.
+                if self.any_rank(oom):
+                    return self.abandon(rng)
+                try:
+                    self.accelerator.backward(loss * scale)
+                    loss_sum += loss.detach()
+                except torch.OutOfMemoryError:
+                    failed = True
+        flags = torch.tensor([float(stop_requested), float(failed), local_tokens], device=loss_sum.device)
+        totals = self.accelerator.reduce(torch.cat([loss_sum.view(1), flags]), "sum")
+        if totals[2].item() > 0:
+            return self.abandon(rng)
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        mean_loss = totals[0].item() / max(step_tokens, 1)
+        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the learning rate stays a function of the global step, skipped steps included
+        return StepOutcome(mean_loss, grad_norm, finite, False, bool(totals[1].item() > 0), step_tokens,
+                           int(totals[3].item()), lr)
+
+    def abandon(self, rng) -> StepOutcome:
+        """Out of memory somewhere: drop this attempt's gradients and randomness so the retry starts clean."""
+        self.optimizer.zero_grad(set_to_none=True)
+        restore_rng(rng)
+        return StepOutcome(out_of_memory=True)

@@ -1,0 +1,85 @@
+"""Shared test fixtures: the shared sample data, a parquet writer, and a tiny trained tokenizer."""
+
+import random
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # so `import model...` works however pytest is started
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_VOCAB_SIZE = 1500
+
+
+def shared_file(name: str) -> Path:
+    """Path of a file in the shared sample data; skips the test where that folder is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} not present")
+    return path
+
+
+def write_parquet(path, prompts, responses, row_group_size=None) -> Path:
+    """Writes a `prompt`/`response` parquet (None allowed for nulls) and returns its path."""
+    table = pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(path)
+
+
+_CHINESE_PHRASES = (
+    "今天天气很好", "我们一起去公园散步", "这个问题的答案是什么", "请问怎么学习编程", "多喝水，早点休息",
+    "建议去医院做个检查", "北京是中国的首都", "人工智能正在改变世界", "他说：“明天见！”", "《红楼梦》很经典",
+    "价格大约是１２０元", "注意身体健康", "谢谢你的帮助", "周末有什么安排？", "学习需要坚持",
+)
+_ENGLISH_PHRASES = (
+    "Hello, world!", "The quick brown fox jumps over the lazy dog.", "Python 3.11 is fast",
+    "e.g. use pip install", "It's 42 degrees", "T5 model (small)", "see https://example.com/a?b=1",
+)
+_EXTRAS = ("😀", "👍", "～", "、", "……", "\n", "\t", "  ", "2024-05-01", "3.1415", "ＡＢＣ", "①")
+
+
+def tiny_corpus_rows(count: int = 300, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic mixed Chinese/English Q&A rows for training small tokenizers."""
+    rng = random.Random(seed)
+    pieces = _CHINESE_PHRASES * 3 + _ENGLISH_PHRASES + _EXTRAS
+
+    def text(parts: int) -> str:
+        return "".join(rng.choice(pieces) for _ in range(parts))
+
+    prompts = [text(rng.randint(1, 3)) + rng.choice("？?") for _ in range(count)]
+    responses = [text(rng.randint(2, 8)) for _ in range(count)]
+    return prompts, responses
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from model.tokenizer import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    corpus = write_parquet(directory / "corpus.parquet", *tiny_corpus_rows())
+    train_tokenizer(corpus, directory / "tokenizer", vocab_size=TINY_VOCAB_SIZE)
+    return directory / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer_dir(tmp_path_factory) -> str:
+    """A tokenizer for the learnable demo task (copy / reverse / double Chinese phrases) used by training tests."""
+    from model.tokenizer import train_tokenizer
+    from utils.demo import write_demo_parquet
+
+    directory = tmp_path_factory.mktemp("task_tokenizer")
+    corpus = write_demo_parquet(str(directory / "corpus.parquet"), 2000, seed=0)
+    train_tokenizer(corpus, directory / "tokenizer", vocab_size=400)
+    return str(directory / "tokenizer")

@@ -67,8 +67,8 @@ class TrainConfig:
     """Tokenizer directory; trained from `train_file` when it holds none."""
     vocab_size: int = bounded(32000, min=300)
     """Vocabulary size when a tokenizer has to be trained."""
-    tokenizer_train_rows: int = bounded(1_000_000, min=0)
-    """Rows sampled to train a tokenizer (0 = all rows)."""
+    tokenizer_train_rows: int = bounded(40_000, min=0)
+    """Rows sampled to train a tokenizer (0 = all rows); 40k keeps training under 1 GB of RAM."""
     max_seq_len: int = bounded(256, min=8)
     """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated."""
     dataloader_buffer_size: int = bounded(50000, min=1)

@@ -17,7 +17,7 @@ def train(use_large_config=False, **flags):
 
 @command
 def train_tokenizer(train_file="data/my_train_dataset.parquet", tokenizer_dir="model_save/tokenizer",
-                    vocab_size=32000, max_rows=1_000_000):
+                    vocab_size=32000, max_rows=40_000):
     """Train the byte-level BPE tokenizer on the prompt and response columns of train_file."""
     from utils.commands import train_tokenizer_command
     train_tokenizer_command(train_file, tokenizer_dir, vocab_size, max_rows)

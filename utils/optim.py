@@ -7,13 +7,14 @@ FINAL_LR_FRACTION = 0.1
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of `learn_rate` for the optimizer step about to run after `step` steps.
+    """Multiplier of `learn_rate` for the optimizer step that runs after `step` steps (logged as step + 1).
 
-    0 -> 1 linearly over `warmup_steps`, then cosine from 1 to 0.1 reached at the run's last step.
+    0 -> 1 linearly over `warmup_steps`, then cosine from 1 down to exactly 0.1 at the run's last step
+    (`step == total_steps - 1`).
     """
     if step < warmup_steps:
         return step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 

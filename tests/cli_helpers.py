@@ -1,0 +1,87 @@
+"""Running the real CLI in subprocesses, with tiny models, and reading what a run leaves behind."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from utils.demo import write_demo_parquet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(REPO, "train_low_mem.py")
+# A model small enough for a CPU test step to take milliseconds (d_model 32, one layer each side).
+TINY_MODEL = dict(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1)
+
+
+def child_env(**extra) -> dict:
+    """One thread per process: two ranks share the CI machine's 2 cores, and runs stay reproducible."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=REPO)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def as_flags(flags: dict) -> list[str]:
+    return [f"--{name}={value}" for name, value in flags.items()]
+
+
+def run_cli(command: str, flags: dict, nproc: int = 1, env: dict | None = None, timeout: int = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`python train_low_mem.py COMMAND --flags` (or under torchrun with `nproc` CPU ranks, gloo)."""
+    if nproc == 1:
+        launcher = [sys.executable, ENTRY]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(29500 + os.getpid() % 1000), ENTRY]
+    result = subprocess.run(launcher + [command] + as_flags(flags), capture_output=True, text=True,
+                            cwd=REPO, env=child_env(ACCELERATE_USE_CPU="true", **(env or {})), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                             f"stderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+def run_cli_raw(argv: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """The CLI exactly as typed: `python train_low_mem.py ARGV...`."""
+    return subprocess.run([sys.executable, ENTRY] + argv, capture_output=True, text=True, cwd=REPO,
+                          env=child_env(), timeout=timeout)
+
+
+def make_task_data(directory, train_rows: int = 256, valid_rows: int = 32) -> dict:
+    """A learnable task (copy / reverse / double a Chinese phrase) as train and validation parquet files."""
+    directory = str(directory)
+    return {"train_file": write_demo_parquet(os.path.join(directory, "train.parquet"), train_rows, seed=1,
+                                             row_group_size=64),
+            "validation_file": write_demo_parquet(os.path.join(directory, "valid.parquet"), valid_rows, seed=2)}
+
+
+def tiny_run_flags(tmp_path, tokenizer_dir: str, data: dict, **overrides) -> dict:
+    """Flags of a seconds-long CPU run: tiny model, fp32, frequent logging, outputs under tmp_path."""
+    flags = dict(data, tokenizer_dir=tokenizer_dir, output_dir=os.path.join(str(tmp_path), "out"),
+                 log_dir=os.path.join(str(tmp_path), "logs"), max_seq_len=24, batch_size_per_gpu=8,
+                 gradient_accumulation_steps=1, dataloader_buffer_size=128, learn_rate=1e-3, warmup_steps=4,
+                 epochs=2, save_steps=10, logging_steps=1, eval_max_samples=16, eval_batch_size=16,
+                 keep_latest_n_ckp=2, mixed_precision="no", num_workers=0, seed=7, memory_log_steps=10, **TINY_MODEL)
+    flags.update(overrides)
+    return flags
+
+
+def read_metrics(output_dir: str, event: str | None = None) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as lines:
+        records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if event is None or r["event"] == event]
+
+
+def final_weights(output_dir: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(output_dir, "final", "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if rtol == 0 and atol == 0:
+            assert torch.equal(a[name], b[name]), f"{name} differs"
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"{name} differs")

@@ -1,0 +1,127 @@
+"""The command line: every field is a flag of the right type, and every mistake is one clear line (exit 2)."""
+import dataclasses
+import typing
+
+import fire
+import pytest
+
+import train_low_mem
+import utils.trainer
+from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
+from tests.cli_helpers import run_cli_raw
+from utils.flags import field_docs
+
+CONTRACT_LARGE = dict(batch_size_per_gpu=32, gradient_accumulation_steps=2, max_seq_len=192,
+                      dataloader_buffer_size=5000, epochs=3, save_steps=5000, logging_steps=100, learn_rate=1e-4,
+                      warmup_steps=1024, keep_latest_n_ckp=5, mixed_precision="bf16",
+                      train_file="data/pretrain_train_10m.parquet", validation_file="data/pretrain_valid_100k.parquet",
+                      output_dir="model_save/pretrain_large")
+CONTRACT_GENERAL = dict(batch_size_per_gpu=16, gradient_accumulation_steps=8, max_seq_len=256)
+CONTRACT_MODEL = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=10, num_decoder_layers=10)
+CONTRACT_SHARED_FIELDS = ("tokenizer_dir", "max_grad_norm", "seed", "ultra_low_mem", "num_workers", "pin_memory",
+                          "memory_cleanup_steps", "memory_log_steps", "eval_max_samples", "log_dir", "max_steps")
+
+
+def parse_train(argv: list[str]):
+    """Run the real Fire entry point for `train`, capturing the configs instead of training."""
+    captured = {}
+
+    def capture(cfg, model_cfg):
+        captured.update(cfg=cfg, model_cfg=model_cfg)
+
+    original = utils.trainer.run_training
+    utils.trainer.run_training = capture
+    try:
+        fire.Fire({"train": train_low_mem.train}, command=["train"] + argv)
+    finally:
+        utils.trainer.run_training = original
+    return captured["cfg"], captured["model_cfg"]
+
+
+def changed_value(value, annotation):
+    """A value of the field's type that differs from its default."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(choice for choice in typing.get_args(annotation) if choice != value)
+    if typing.get_origin(annotation) is typing.Union:  # bool-or-auto and int-or-auto, "auto" by default
+        return {bool: True, int: 3}[typing.get_args(annotation)[0]]
+    return {bool: lambda v: not v, int: lambda v: v + 3, float: lambda v: v / 2 + 0.125,
+            str: lambda v: v + "_x"}[annotation](value)
+
+
+@pytest.mark.parametrize("config_class", [TrainConfig, TrainConfigPretrainLarge])
+def test_every_field_round_trips_through_the_cli_with_its_type(config_class):
+    expected, argv = {}, [f"--use_large_config={config_class is TrainConfigPretrainLarge}"]
+    for cls in (config_class, T5ModelConfig):
+        hints, default = typing.get_type_hints(cls), cls()
+        for field in dataclasses.fields(cls):
+            value = changed_value(getattr(default, field.name), hints[field.name])
+            expected[field.name] = value
+            argv.append(f"--{field.name}={value}")
+    cfg, model_cfg = parse_train(argv)
+    assert type(cfg) is config_class
+    parsed = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
+    for name, value in expected.items():
+        assert parsed[name] == value and type(parsed[name]) is type(value), name
+
+
+@pytest.mark.parametrize("spelling,meaning", [("True", True), ("False", False), ("true", True), ("false", False),
+                                              ("1", True), ("0", False)])
+def test_booleans_accept_every_documented_spelling(spelling, meaning):
+    cfg, _ = parse_train([f"--is_keep_training={spelling}", f"--use_large_config={spelling}"])
+    assert cfg.is_keep_training is meaning
+    assert type(cfg) is (TrainConfigPretrainLarge if meaning else TrainConfig)
+
+
+def test_numbers_written_as_floats_or_exponents_become_integers_when_whole():
+    cfg, _ = parse_train(["--save_steps=5.0", "--max_steps=1e3", "--learn_rate=2e-4", "--num_workers=auto"])
+    assert (cfg.save_steps, cfg.max_steps, cfg.learn_rate, cfg.num_workers) == (5, 1000, 2e-4, "auto")
+
+
+def test_both_configs_have_exactly_the_contract_defaults():
+    large, general, model = TrainConfigPretrainLarge(), TrainConfig(), T5ModelConfig()
+    assert {k: getattr(large, k) for k in CONTRACT_LARGE} == CONTRACT_LARGE
+    assert {k: getattr(general, k) for k in CONTRACT_GENERAL} == CONTRACT_GENERAL
+    assert {k: getattr(model, k) for k in CONTRACT_MODEL} == CONTRACT_MODEL
+    assert (large.memory_cleanup_steps, large.memory_log_steps, large.max_steps) == (50, 200, 0)
+    for name in CONTRACT_SHARED_FIELDS + ("dropout_rate",):
+        assert hasattr(large, name) or hasattr(model, name), name
+
+
+def test_every_field_has_help_text():
+    for cls in (TrainConfig, TrainConfigPretrainLarge, T5ModelConfig):
+        docs = field_docs(cls)
+        assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls.__name__
+
+
+@pytest.mark.parametrize("flag,fragments", [
+    ("--lern_rate=0.1", ["unknown flag --lern_rate", "did you mean --learn_rate?"]),
+    ("--batch_size_per_gpu=-1", ["--batch_size_per_gpu", "minimum 1"]),
+    ("--save_steps=0", ["--save_steps", "minimum 1"]),
+    ("--max_seq_len=4", ["--max_seq_len", "minimum 8"]),
+    ("--mixed_precision=fp8", ["--mixed_precision", "bf16"]),
+    ("--epochs=two", ["--epochs", "not an integer"]),
+    ("--is_keep_training=maybe", ["--is_keep_training", "boolean"]),
+    ("--learn_rate=1,2", ["--learn_rate", "not a number"]),
+])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(flag, fragments):
+    result = run_cli_raw(["train", flag])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_every_bad_flag_is_reported_at_once():
+    result = run_cli_raw(["train", "--lern_rate=1", "--epochs=-2", "--pin_memory=perhaps"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+
+
+def test_help_lists_every_field_with_its_comment():
+    result = run_cli_raw(["train", "--help"])
+    assert result.returncode == 0
+    for field in dataclasses.fields(TrainConfig) + dataclasses.fields(T5ModelConfig):
+        assert f"--{field.name}=" in result.stdout
+    assert field_docs(TrainConfig)["save_steps"] in result.stdout
+

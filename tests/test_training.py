@@ -1,0 +1,97 @@
+"""The training engine, through the real CLI on CPU: it learns, and its flags do exactly what they say."""
+import json
+import math
+import os
+
+import pytest
+
+from tests.cli_helpers import (assert_same_weights, final_weights, make_task_data, read_metrics, run_cli,
+                               tiny_run_flags)
+from utils.optim import lr_factor
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, task_tokenizer_dir):
+    return make_task_data(tmp_path_factory.mktemp("task_data")), task_tokenizer_dir
+
+
+def test_loss_falls_on_a_learnable_task_within_a_few_dozen_steps(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=48, learn_rate=3e-3, save_steps=48)
+    run_cli("train", flags)
+    losses = [r["loss"] for r in read_metrics(flags["output_dir"], "train")]
+    assert len(losses) == 48
+    assert sum(losses[-8:]) / 8 < 0.75 * sum(losses[:4]) / 4
+
+
+def test_logged_learning_rate_follows_warmup_then_cosine_to_a_tenth(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, warmup_steps=5, epochs=2, learn_rate=2e-3,
+                           eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100)
+    run_cli("train", flags)
+    records = read_metrics(flags["output_dir"], "train")
+    total_steps = 2 * math.ceil(256 / 8)
+    assert [r["step"] for r in records] == list(range(1, total_steps + 1))
+    for record in records:
+        # `lr` is the rate the logged step used: the schedule at the number of steps done before it.
+        expected = 2e-3 * lr_factor(record["step"] - 1, 5, total_steps)
+        assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert records[-1]["lr"] == pytest.approx(2e-4, rel=1e-9)  # the last step runs at 0.1 x learn_rate
+
+
+def test_accumulation_equals_a_batch_twice_as_large(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(max_steps=12, dropout_rate=0.0, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100)
+    accumulated = tiny_run_flags(tmp_path / "a", tokenizer_dir, data, batch_size_per_gpu=4,
+                                 gradient_accumulation_steps=2, **common)
+    large = tiny_run_flags(tmp_path / "b", tokenizer_dir, data, batch_size_per_gpu=8,
+                           gradient_accumulation_steps=1, **common)
+    run_cli("train", accumulated)
+    run_cli("train", large)
+    losses_a = [r["loss"] for r in read_metrics(accumulated["output_dir"], "train")]
+    losses_b = [r["loss"] for r in read_metrics(large["output_dir"], "train")]
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    assert_same_weights(final_weights(accumulated["output_dir"]), final_weights(large["output_dir"]), rtol=1e-5,
+                        atol=1e-7)
+
+
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(max_steps=10, dropout_rate=0.0, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100,
+                  batch_size_per_gpu=4)
+    two_ranks = tiny_run_flags(tmp_path / "ddp", tokenizer_dir, data, gradient_accumulation_steps=1, **common)
+    one_rank = tiny_run_flags(tmp_path / "single", tokenizer_dir, data, gradient_accumulation_steps=2, **common)
+    result = run_cli("train", two_ranks, nproc=2)
+    run_cli("train", one_rank)
+    losses_2 = [r["loss"] for r in read_metrics(two_ranks["output_dir"], "train")]
+    losses_1 = [r["loss"] for r in read_metrics(one_rank["output_dir"], "train")]
+    assert len(losses_2) == 10 and losses_2 == pytest.approx(losses_1, rel=1e-4)
+    assert_same_weights(final_weights(two_ranks["output_dir"]), final_weights(one_rank["output_dir"]), rtol=1e-4,
+                        atol=1e-6)
+    # Only the main process logs: one line per logging step, not one per rank.
+    assert result.stdout.count("step 10/") == 1
+
+
+def test_metrics_and_log_file_follow_the_contract(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=20, logging_steps=5, save_steps=10,
+                           memory_log_steps=10)
+    run_cli("train", flags, nproc=2)
+    records = read_metrics(flags["output_dir"])
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for record in train:
+        assert {"step", "epoch", "samples", "loss", "lr", "grad_norm", "tokens_per_s"} <= record.keys()
+        assert record["samples"] == record["step"] * 16  # 8 rows x 2 ranks per step, counted globally
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all({"step", "epoch", "bleu4", "eval_loss", "samples"} <= r.keys() for r in evals)
+    memory = [r for r in records if r["event"] == "memory"]
+    assert [r["step"] for r in memory] == [10, 20] and all(r["rss_mb"] > 0 for r in memory)
+    logs = os.listdir(flags["log_dir"])
+    assert len(logs) == 1 and logs[0].startswith("chat_trainer_low_mem_") and logs[0].endswith(".log")
+    with open(os.path.join(flags["log_dir"], logs[0]), encoding="utf-8") as log_file:
+        text = log_file.read()
+    assert text.count("step 20/") == 1 and "[rank 1]" not in text
+    with open(os.path.join(flags["output_dir"], "train_config.json"), encoding="utf-8") as saved:
+        assert json.load(saved)["changed"]["max_steps"] == 20

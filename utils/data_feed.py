@@ -1,4 +1,5 @@
 """The training data for the trainer: one optimizer step's micro-batches at a time, from the saved position."""
+import torch
 from torch.utils.data import DataLoader
 
 from model.dataset import LowMemParquetDataset
@@ -36,6 +37,8 @@ class DataFeed:
         position = dataset.state_at(state.epoch, state.epoch_sample)
         position["layout_size"] = state.layout_size
         dataset.load_state_dict(position)
+        # A private generator: starting an iterator draws a seed, and a draw from the global RNG would shift the
+        # dropout masks of a resumed run away from those of the uninterrupted one.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.runtime.num_workers,
-                            pin_memory=self.runtime.pin_memory)
+                            pin_memory=self.runtime.pin_memory, generator=torch.Generator())
         yield from loader

@@ -111,6 +111,8 @@ def prepare_run(cfg, model_cfg) -> Run:
     accelerator, runtime = start(cfg, cfg.gradient_accumulation_steps)
     setup_logging(cfg.log_dir, accelerator.is_main_process, accelerator.process_index)
     log.info("log file: %s", log_file_path(cfg.log_dir))
+    log.info("%d process(es), %s, device %s, precision %s", accelerator.num_processes,
+             accelerator.distributed_type.value, accelerator.device, runtime.mixed_precision)
     for note in runtime.notes:
         log.info(note)
     changes = {**changed_fields(cfg), **changed_fields(model_cfg)}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, parse_flag_from_env
 
 LOW_RAM_BYTES = 15 * 1024**3  # the user's guide: below 15 GB of RAM use the low-memory data settings
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -50,7 +50,8 @@ def decide(cfg) -> Runtime:
     runtime = Runtime(
         mixed_precision=precision,
         ultra_low_mem=auto(cfg.ultra_low_mem, True, False),
-        num_workers=auto(cfg.num_workers, 0, 2),
+        # Without a GPU the main process computes on every core; worker processes would only compete with it.
+        num_workers=auto(cfg.num_workers, 0, 2 if torch.cuda.is_available() else 0),
         pin_memory=auto(cfg.pin_memory, False, torch.cuda.is_available()),
         total_ram_gb=round(ram / 1024**3, 1),
         notes=notes,
@@ -71,16 +72,21 @@ def start(cfg, gradient_accumulation_steps: int) -> tuple[Accelerator, Runtime]:
     """Initialise the process group (30-minute timeout), decide on rank 0, broadcast, build the Accelerator."""
     set_nccl_defaults()
     timeout = InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
-    state = PartialState(**timeout.to_kwargs())
+    # Without a GPU (or with ACCELERATE_USE_CPU=true) torchrun ranks must form a gloo group (MULTI_CPU).
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **timeout.to_kwargs())
     decision = [decide(cfg) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
     runtime = decision[0]
     trackers = [name for name in cfg.report_to.split(",") if name and name != "none"]
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=runtime.mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[timeout],
+        # Our schedule counts global optimizer steps; by default Accelerate would step it once per process.
+        step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=cfg.output_dir,
     )

@@ -1,0 +1,135 @@
+"""Evaluation, the best-k models and exact resume, through the real CLI on CPU (fp32, tiny model)."""
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.cli_helpers import (assert_same_weights, final_weights, make_task_data, read_metrics, run_cli,
+                               tiny_run_flags)
+
+# Dropout stays on (0.1): a resume is exact only if every RNG state comes back too.
+RUN = dict(batch_size_per_gpu=4, gradient_accumulation_steps=2, epochs=2, save_steps=10, logging_steps=1)
+TOTAL_STEPS = 2 * 256 // 8
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, task_tokenizer_dir):
+    return make_task_data(tmp_path_factory.mktemp("resume_data")), task_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path_factory.mktemp("uninterrupted"), tokenizer_dir, data, **RUN)
+    run_cli("train", flags)
+    return flags
+
+
+def test_stopping_and_resuming_twice_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path, task, uninterrupted):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **RUN)
+    run_cli("train", dict(flags, max_steps=13))  # mid-epoch, between two saves
+    second = run_cli("train", dict(flags, is_keep_training=True, max_steps=37))  # into the second epoch
+    assert "resumed from" in second.stdout and "step 13" in second.stdout
+    third = run_cli("train", dict(flags, is_keep_training=True))
+    assert "step 37, epoch 1" in third.stdout
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+    steps = [r["step"] for r in read_metrics(flags["output_dir"], "train")]
+    assert steps == list(range(1, TOTAL_STEPS + 1))  # nothing replayed, nothing skipped
+    ours = [(r["step"], r["loss"], r["lr"], r["samples"]) for r in read_metrics(flags["output_dir"], "train")]
+    theirs = [(r["step"], r["loss"], r["lr"], r["samples"]) for r in read_metrics(uninterrupted["output_dir"], "train")]
+    assert ours == theirs
+    with open(os.path.join(flags["output_dir"], "checkpoints.json")) as a, \
+            open(os.path.join(uninterrupted["output_dir"], "checkpoints.json")) as b:
+        assert json.load(a) == json.load(b)
+
+
+def test_a_two_process_run_continues_on_one_process_at_the_same_global_sample(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(batch_size_per_gpu=4, dropout_rate=0.0, epochs=1, save_steps=100, eval_max_samples=0,
+                  keep_latest_n_ckp=0)
+    reference = tiny_run_flags(tmp_path / "reference", tokenizer_dir, data, gradient_accumulation_steps=1, **common)
+    run_cli("train", reference, nproc=2)
+    resumed = tiny_run_flags(tmp_path / "resumed", tokenizer_dir, data, gradient_accumulation_steps=1, **common)
+    run_cli("train", dict(resumed, max_steps=13), nproc=2)
+    # One process with twice the accumulation keeps the global batch of 8 rows, so the numbers must agree.
+    result = run_cli("train", dict(resumed, is_keep_training=True, gradient_accumulation_steps=2))
+    assert "2 processes, this one 1" in result.stdout + result.stderr
+    samples = [r["samples"] for r in read_metrics(resumed["output_dir"], "train")]
+    assert samples == [8 * step for step in range(1, 33)]
+    ours = [r["loss"] for r in read_metrics(resumed["output_dir"], "train")]
+    theirs = [r["loss"] for r in read_metrics(reference["output_dir"], "train")]
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert_same_weights(final_weights(resumed["output_dir"]), final_weights(reference["output_dir"]), rtol=1e-4,
+                        atol=1e-6)
+
+
+def test_a_state_left_half_written_is_ignored_for_the_previous_complete_one(tmp_path, task, uninterrupted):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **RUN)
+    run_cli("train", dict(flags, max_steps=20))
+    state_root = os.path.join(flags["output_dir"], "state")
+    (complete,) = os.listdir(state_root)
+    # A crash mid-save leaves a newer directory without its COMPLETE marker (and maybe a temporary one).
+    for broken in ("step-00000030-epoch-0000-000000000240", "tmp-step-00000030-epoch-0000-000000000240"):
+        shutil.copytree(os.path.join(state_root, complete), os.path.join(state_root, broken))
+        os.remove(os.path.join(state_root, broken, "COMPLETE"))
+        with open(os.path.join(state_root, broken, "model.safetensors"), "r+b") as weights:
+            weights.truncate(100)
+    result = run_cli("train", dict(flags, is_keep_training=True))
+    assert f"resumed from {os.path.join(state_root, complete)}" in result.stdout
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+
+
+def test_resuming_with_another_model_shape_is_a_clear_error(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=2, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    result = run_cli("train", dict(flags, is_keep_training=True, d_ff=48), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: cannot resume" in result.stderr and "--d_ff" in result.stderr
+
+
+def test_resuming_with_a_new_learning_rate_continues_and_says_what_changed(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=4, eval_max_samples=0, keep_latest_n_ckp=0,
+                           warmup_steps=0)
+    run_cli("train", flags)
+    result = run_cli("train", dict(flags, is_keep_training=True, max_steps=6, learn_rate=5e-4))
+    assert "--learn_rate changed from 0.001 to 0.0005" in result.stdout
+    records = read_metrics(flags["output_dir"], "train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["lr"] < 5e-4 < records[3]["lr"]
+
+
+def test_a_fresh_run_refuses_to_overwrite_a_previous_runs_state(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=2, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    result = run_cli("train", flags, check=False)
+    assert result.returncode == 2 and "--is_keep_training=True" in result.stderr
+
+
+def test_best_models_load_with_auto_classes_and_the_commands_use_them(uninterrupted):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    output_dir = uninterrupted["output_dir"]
+    with open(os.path.join(output_dir, "checkpoints.json"), encoding="utf-8") as listing:
+        best = json.load(listing)["best"]
+    assert 1 <= len(best) <= 2 and [e["bleu4"] for e in best] == sorted((e["bleu4"] for e in best), reverse=True)
+    assert sorted(os.listdir(os.path.join(output_dir, "best"))) == sorted(os.path.basename(e["path"]) for e in best)
+    for entry in best:
+        path = os.path.join(output_dir, entry["path"])
+        model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        inputs = tokenizer(["复述：春夏秋冬"], return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert output.shape[0] == 1 and output.shape[1] <= 9
+    evaluation = run_cli("evaluate", {"model_dir": os.path.join(output_dir, "final"),
+                                      "file": uninterrupted["validation_file"], "max_samples": 8, "max_seq_len": 24})
+    assert evaluation.stdout.startswith("bleu4 ") and "rows 8" in evaluation.stdout
+    answer = run_cli("generate", {"model_dir": os.path.join(output_dir, "final"), "prompt": "倒序：山水",
+                                  "max_new_tokens": 8})
+    assert answer.returncode == 0 and answer.stdout.endswith("\n")
+    missing = run_cli("generate", {"model_dir": os.path.join(output_dir, "nothing"), "prompt": "x"}, check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --model_dir")

@@ -76,7 +76,7 @@ class TrainConfig:
     ultra_low_mem: AutoBool = "auto"
     """Re-open the parquet file for every read and cache nothing (auto: on under 15 GB of RAM)."""
     num_workers: AutoInt = "auto"
-    """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM, else 2)."""
+    """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM or without a GPU, else 2)."""
     pin_memory: AutoBool = "auto"
     """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
 

@@ -37,7 +37,7 @@ _READ_BATCH_ROWS, _READ_BUFFER_BYTES = 1024, 1 << 20
 _WINDOW_SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
 
 
-def _expand_paths(files) -> list[str]:
+def expand_paths(files) -> list[str]:
     """A path, a glob, or a list of either → the list of paths, in a stable order."""
     patterns = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not patterns:
@@ -61,10 +61,10 @@ def _row_group_has_usable_rows(row_group, column_positions) -> bool:
     return True
 
 
-def _read_footer(path: str) -> np.ndarray:
+def read_footer(path: str) -> np.ndarray:
     """Validate one file from its footer alone; return the row count of each of its row groups."""
     if not os.path.exists(path):
-        raise UserError(f"{path}: training file not found")
+        raise UserError(f"{path}: file not found")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory, expected a parquet file")
     try:
@@ -208,8 +208,8 @@ class LowMemParquetDataset(IterableDataset):
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.ultra_low_mem, self.yield_steps = bool(ultra_low_mem), bool(yield_steps)
 
-        self._paths = _expand_paths(files)
-        rows_per_file = [_read_footer(path) for path in self._paths]
+        self._paths = expand_paths(files)
+        rows_per_file = [read_footer(path) for path in self._paths]
         file_of = np.concatenate([np.full(len(rows), i, dtype=np.int32) for i, rows in enumerate(rows_per_file)])
         index_in_file = np.concatenate([np.arange(len(rows), dtype=np.int32) for rows in rows_per_file])
         rows = np.concatenate(rows_per_file)  # empty row groups are left out: they hold nothing to read

@@ -3,14 +3,16 @@ import functools
 import sys
 
 from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
-from utils.errors import UserError, UserErrors
+from utils.errors import RunAborted, UserError, UserErrors
 from utils.flags import FlagProblem, build, check_bounds, help_text, to_bool, to_int
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_ABORTED = 1
 
 
 def command(function):
-    """Run a CLI command; a UserError prints `error: ...` (one line per problem) and exits 2, no traceback."""
+    """Run a CLI command; a UserError prints `error: ...` (one line per problem) and exits 2, a RunAborted
+    prints its reason and exits 1; neither shows a traceback."""
 
     @functools.wraps(function)
     def run(*args, **kwargs):
@@ -25,6 +27,9 @@ def command(function):
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        except RunAborted as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_RUN_ABORTED)
 
     return run
 

@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 
-from model.dataset import _expand_paths as expand_paths, _read_footer as read_footer  # TODO public
+from model.dataset import expand_paths, read_footer
 from model.t5 import estimate_parameters
 from utils.checkpoint import complete_states
 from utils.errors import UserError, UserErrors
@@ -74,9 +74,10 @@ def check_before_training(cfg, model_cfg) -> list[str]:
     """Raise UserErrors listing every problem; return warnings for settings that work but look wrong."""
     problems, warnings = [], []
     train_rows = file_rows("train_file", cfg.train_file, problems)
+    known_problems = len(problems)
     valid_rows = file_rows("validation_file", cfg.validation_file, problems) if cfg.eval_max_samples else 0
     needed_eval_rows = min(cfg.eval_max_samples, cfg.eval_batch_size)
-    if cfg.eval_max_samples and not problems and valid_rows < needed_eval_rows:
+    if cfg.eval_max_samples and len(problems) == known_problems and valid_rows < needed_eval_rows:
         problems.append(f"--validation_file={cfg.validation_file}: {valid_rows} rows, fewer than one evaluation "
                         f"batch ({needed_eval_rows} = min(--eval_max_samples, --eval_batch_size))")
     if cfg.eval_max_samples == 0 and cfg.keep_latest_n_ckp > 0:

@@ -14,8 +14,8 @@ import torch
 
 from utils.evaluation import token_loss_sum
 
-# Test hook: pretend CUDA ran out of memory on any micro-batch with more rows than this (simulated OOM on CPU).
-SIMULATE_OOM_ENV = "T5LM_SIMULATE_OOM_ABOVE_ROWS"
+# Test hook: pretend the GPU runs out of memory on every micro-batch of at least this many rows (CPU tests).
+SIMULATE_OOM_ENV = "T5LM_SIMULATE_OOM_FROM_ROWS"
 
 
 @dataclass
@@ -66,8 +66,8 @@ class StepRunner:
     def forward(self, batch) -> tuple[torch.Tensor | None, bool]:
         """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
         try:
-            if self.oom_limit and batch["input_ids"].shape[0] > self.oom_limit:
-                raise torch.OutOfMemoryError(f"simulated: {batch['input_ids'].shape[0]} rows > {self.oom_limit}")
+            if self.oom_limit and batch["input_ids"].shape[0] >= self.oom_limit:
+                raise torch.OutOfMemoryError(f"simulated: {batch['input_ids'].shape[0]} rows")
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss, _ = token_loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      bare_model=self.bare_model)

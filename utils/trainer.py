@@ -30,6 +30,7 @@ def run_training(cfg, model_cfg) -> None:
 def train_loop(run) -> None:
     state, cfg = run.state, run.cfg
     reporter = Reporter(run)
+    pending_milestone = False
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for bundle in run.feed.epoch_steps(state):
             outcome = run.stepper.run(bundle, run.signals.requested)
@@ -43,8 +44,11 @@ def train_loop(run) -> None:
             guard_against_divergence(state, outcome, cfg.max_bad_steps)
             reporter.after_step(outcome)
             run.memory.after_step(state.global_step)
-            if run.checkpointer.due(state.global_step):
+            # A save that falls on a non-finite step waits for the next good one: the kept state stays good.
+            pending_milestone = pending_milestone or run.checkpointer.due(state.global_step)
+            if pending_milestone and outcome.finite:
                 milestone(run)
+                pending_milestone = False
             if outcome.stop_requested:
                 return finish(run, reporter, "stopped by a signal; resume with --is_keep_training=True")
             if reached_max_steps(run):

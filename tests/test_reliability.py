@@ -1,0 +1,241 @@
+"""Reliability: bad input is one clear line per problem; kills, signals, divergence and OOM lose nothing."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from tests.cli_helpers import (ENTRY, REPO, as_flags, assert_same_weights, child_env, final_weights, make_task_data,
+                               read_metrics, run_cli, tiny_run_flags)
+from utils.step import SIMULATE_OOM_ENV
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, task_tokenizer_dir):
+    return make_task_data(tmp_path_factory.mktemp("reliability_data")), task_tokenizer_dir
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+# ---------------------------------------------------------------- bad input
+def broken_inputs(directory) -> dict:
+    """Each kind of bad file the pre-flight must name, made on disk."""
+    directory = str(directory)
+    paths = {name: os.path.join(directory, name) for name in
+             ("text.parquet", "truncated.parquet", "no_response.parquet", "int_response.parquet", "empty.parquet")}
+    with open(paths["text.parquet"], "w") as text:
+        text.write("prompt,response\nhello,world\n")
+    good = make_task_data(os.path.join(directory, "good"))["train_file"]
+    with open(good, "rb") as source, open(paths["truncated.parquet"], "wb") as truncated:
+        truncated.write(source.read()[:-200])
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), paths["no_response.parquet"])
+    pq.write_table(pa.table({"prompt": ["a", "b"], "response": [1, 2]}), paths["int_response.parquet"])
+    pq.write_table(pa.table({"prompt": ["a", "b"], "response": ["", ""]}), paths["empty.parquet"])
+    return paths
+
+
+@pytest.mark.parametrize("case,fragments", [
+    ("missing", ["--train_file", "nowhere.parquet"]),
+    ("directory", ["--train_file", "directory"]),
+    ("text.parquet", ["--train_file", "text.parquet", "parquet"]),
+    ("truncated.parquet", ["--train_file", "truncated.parquet"]),
+    ("no_response.parquet", ["--train_file", "no_response.parquet", "response"]),
+    ("int_response.parquet", ["--train_file", "int_response.parquet", "response"]),
+    ("empty.parquet", ["--train_file", "empty.parquet", "no usable rows"]),
+])
+def test_a_bad_training_file_exits_2_naming_it_and_writes_nothing(tmp_path, task, case, fragments):
+    data, tokenizer_dir = task
+    files = broken_inputs(tmp_path)
+    train_file = {"missing": str(tmp_path / "nowhere.parquet"), "directory": str(tmp_path)}.get(case, files.get(case))
+    flags = tiny_run_flags(tmp_path / "run", tokenizer_dir, dict(data, train_file=train_file))
+    assert_user_error(run_cli("train", flags, check=False), *fragments)
+    assert not os.path.exists(flags["output_dir"])
+
+
+def test_every_problem_is_reported_at_once_one_line_each(tmp_path, task):
+    data, tokenizer_dir = task
+    not_a_tokenizer = tmp_path / "tokenizer"
+    not_a_tokenizer.mkdir()
+    (not_a_tokenizer / "tokenizer.json").write_text("{not json")
+    an_output_file = tmp_path / "taken"
+    an_output_file.write_text("a file where the output directory should go")
+    small_validation = make_task_data(tmp_path / "small", valid_rows=3)["validation_file"]
+    flags = tiny_run_flags(tmp_path / "run", str(not_a_tokenizer), dict(
+        train_file=str(tmp_path / "missing.parquet"), validation_file=small_validation),
+        output_dir=str(an_output_file), eval_max_samples=16, eval_batch_size=8)
+    result = run_cli("train", flags, check=False)
+    assert_user_error(result, "--train_file", "--validation_file", "fewer than one evaluation batch",
+                      "--tokenizer_dir", "--output_dir")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+
+
+def test_contradictory_settings_and_a_full_disk_are_caught_before_training(tmp_path, task):
+    data, tokenizer_dir = task
+    no_eval = tiny_run_flags(tmp_path, tokenizer_dir, data, eval_max_samples=0, keep_latest_n_ckp=5)
+    assert_user_error(run_cli("train", no_eval, check=False), "--eval_max_samples=0", "--keep_latest_n_ckp")
+    enormous = tiny_run_flags(tmp_path, tokenizer_dir, data, d_model=65536, d_ff=262144, num_layers=24,
+                              num_decoder_layers=24)
+    assert_user_error(run_cli("train", enormous, check=False), "--output_dir", "GB free")
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning_not_an_error(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, warmup_steps=10_000, max_steps=1, eval_max_samples=0,
+                           keep_latest_n_ckp=0)
+    result = run_cli("train", flags)
+    assert "--warmup_steps=10000 is not below the run's 64 steps" in result.stdout
+
+
+# ---------------------------------------------------------------- crashes and signals
+CRASH_RUN = dict(epochs=1, save_steps=1, logging_steps=1, eval_max_samples=4, eval_batch_size=4,
+                 batch_size_per_gpu=4, gradient_accumulation_steps=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path_factory.mktemp("uninterrupted"), tokenizer_dir, data, **CRASH_RUN)
+    run_cli("train", flags)
+    return flags
+
+
+def start_training(flags: dict, nproc: int = 1) -> subprocess.Popen:
+    launcher = [sys.executable, ENTRY] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+        str(29700 + os.getpid() % 200), ENTRY]
+    return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=child_env(ACCELERATE_USE_CPU="true"))
+
+
+def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if fragment in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {fragment!r}:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_random_instants_then_resume_ends_bitwise_identical(tmp_path, task, uninterrupted, seed):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
+    rng = random.Random(seed)
+    for attempt in range(2):  # two crashes, each at a random instant once training runs (saves happen every step)
+        process = start_training(dict(flags, is_keep_training=attempt > 0))
+        wait_for_line(process, " INFO step ")
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+    run_cli("train", dict(flags, is_keep_training=True))
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+    steps = [r["step"] for r in read_metrics(flags["output_dir"], "train")]
+    assert steps == list(range(1, 33))
+
+
+def test_sigterm_to_one_rank_stops_both_in_step_with_a_state_to_resume(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(CRASH_RUN, batch_size_per_gpu=4, gradient_accumulation_steps=1, save_steps=100,
+                  eval_max_samples=0, keep_latest_n_ckp=0, dropout_rate=0.0)
+    reference = tiny_run_flags(tmp_path / "reference", tokenizer_dir, data, **common)
+    run_cli("train", reference, nproc=2)
+    flags = tiny_run_flags(tmp_path / "stopped", tokenizer_dir, data, **common)
+    launcher = start_training(flags, nproc=2)
+    wait_for_line(launcher, "step 3/")
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    max(workers, key=lambda p: p.pid).send_signal(signal.SIGTERM)  # only one rank hears it
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, output
+    assert "stopped by a signal" in output
+    stopped_at = max(r["step"] for r in read_metrics(flags["output_dir"], "train"))
+    assert stopped_at < 32
+    resumed = run_cli("train", dict(flags, is_keep_training=True), nproc=2)
+    assert f"step {stopped_at}, epoch 0" in resumed.stdout
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(reference["output_dir"]), rtol=1e-6,
+                        atol=1e-8)
+
+
+# ---------------------------------------------------------------- divergence and out of memory
+def test_a_diverging_run_stops_with_the_guards_message_and_keeps_a_loadable_state(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, learn_rate=1e9, warmup_steps=0, max_grad_norm=0.0,
+                           max_bad_steps=3, save_steps=1, eval_max_samples=0, keep_latest_n_ckp=0)
+    result = run_cli("train", flags, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: training diverged: 3 consecutive steps" in result.stderr
+    assert "skipped" in result.stdout
+    state_root = os.path.join(flags["output_dir"], "state")
+    (state,) = os.listdir(state_root)
+    weights = load_file(os.path.join(state_root, state, "model.safetensors"))
+    assert all(tensor.isfinite().all() for tensor in weights.values())
+    last_good = max(r["step"] for r in read_metrics(flags["output_dir"], "train") if r["loss"] is not None)
+    assert state.startswith(f"step-{last_good:08d}")
+
+
+def test_simulated_oom_halves_the_micro_batch_and_matches_a_run_started_that_way(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(max_steps=12, save_steps=6, eval_max_samples=0, keep_latest_n_ckp=0)
+    recovered = tiny_run_flags(tmp_path / "recovered", tokenizer_dir, data, batch_size_per_gpu=8,
+                               gradient_accumulation_steps=1, **common)
+    halved = tiny_run_flags(tmp_path / "halved", tokenizer_dir, data, batch_size_per_gpu=4,
+                            gradient_accumulation_steps=2, **common)
+    result = run_cli("train", recovered, env={SIMULATE_OOM_ENV: 5})
+    assert "retrying with batch_size_per_gpu=4, gradient_accumulation_steps=2" in result.stdout
+    run_cli("train", halved)
+    assert_same_weights(final_weights(recovered["output_dir"]), final_weights(halved["output_dir"]), rtol=1e-5,
+                        atol=1e-7)
+    resumed = run_cli("train", dict(recovered, is_keep_training=True, max_steps=14), env={SIMULATE_OOM_ENV: 5})
+    assert "keeping batch_size_per_gpu=4, gradient_accumulation_steps=2" in resumed.stdout
+    assert "retrying" not in resumed.stdout
+
+
+def test_out_of_memory_at_batch_1_stops_with_advice(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=2, max_steps=3, eval_max_samples=0,
+                           keep_latest_n_ckp=0)
+    result = run_cli("train", flags, env={SIMULATE_OOM_ENV: 1}, check=False)
+    assert result.returncode == 1 and "--max_seq_len" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- best-k bookkeeping
+def test_checkpoints_json_holds_the_true_top_5_after_8_planted_scores(tmp_path, task_tokenizer_dir):
+    from accelerate import Accelerator
+
+    from config import T5ModelConfig
+    from model.t5 import build_model
+    from model.tokenizer import load_tokenizer
+    from utils.checkpoint import BestModels
+    from utils.state import TrainingState
+
+    tokenizer = load_tokenizer(task_tokenizer_dir)
+    model = build_model(T5ModelConfig(d_model=16, d_ff=16, num_heads=1, d_kv=8, num_layers=1,
+                                      num_decoder_layers=1), tokenizer)
+    best, state = BestModels(Accelerator(cpu=True), str(tmp_path), 5, tokenizer), TrainingState()
+    for step, score in enumerate([0.1, 0.5, 0.3, 0.5, 0.05, 0.7, 0.3, 0.6], start=1):
+        state.global_step = step
+        best.consider(model, state, score)
+    with open(tmp_path / "checkpoints.json", encoding="utf-8") as listing:
+        kept = json.load(listing)["best"]
+    # Equal scores keep the earlier model: step 7's 0.3 never displaces step 3's.
+    assert [(e["step"], e["bleu4"]) for e in kept] == [(6, 0.7), (8, 0.6), (2, 0.5), (4, 0.5), (3, 0.3)]
+    assert sorted(os.listdir(tmp_path / "best")) == [f"step-{s:08d}" for s in (2, 3, 4, 6, 8)]
+    assert kept == state.best

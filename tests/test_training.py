@@ -95,3 +95,14 @@ def test_metrics_and_log_file_follow_the_contract(tmp_path, task):
     assert text.count("step 20/") == 1 and "[rank 1]" not in text
     with open(os.path.join(flags["output_dir"], "train_config.json"), encoding="utf-8") as saved:
         assert json.load(saved)["changed"]["max_steps"] == 20
+
+
+def test_report_to_tensorboard_writes_event_files_through_accelerate(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=4, logging_steps=2, save_steps=4,
+                           report_to="tensorboard")
+    run_cli("train", flags)
+    events = [name for _, _, files in os.walk(flags["output_dir"]) for name in files if "tfevents" in name]
+    assert events
+    unknown = run_cli("train", dict(flags, report_to="tensorbored", output_dir=str(tmp_path / "other")), check=False)
+    assert unknown.returncode == 2 and "unknown tracker 'tensorbored'" in unknown.stderr

@@ -10,11 +10,19 @@ The activations are measured by the probe: the real model (`model.t5.build_model
 data, so the full model at full sequence length costs seconds and no memory; a dispatch mode adds up the bytes of
 every tensor storage while it lives and keeps the peak. On a tiny model this equals the peak of a real CPU step
 byte for byte (tests/test_plan_plot.py). Mixed precision runs under CPU autocast, which lowers the same T5 ops
-(matmul, linear) to 16 bits as CUDA autocast does. Without the probe, `analytic_activations` uses bytes-per-token
+(matmul, linear) to 16 bits as CUDA autocast does. Without the probe, `AnalyticActivations` uses bytes-per-token
 coefficients counted by the probe on transformers' T5.
 """
+import contextlib
 import weakref
-from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from model.t5 import build_model
+from utils.evaluation import token_loss_sum
 
 GIB = 1024**3
 WEIGHT_BYTES, GRADIENT_BYTES, ADAM_BYTES = 4, 4, 8  # per parameter, all fp32
@@ -37,32 +45,27 @@ _PER_TOKEN = {
 _VOCAB_SAVED, _VOCAB_BACKWARD = 4, 8
 
 
-@dataclass
-class Activations:
-    """Peak bytes of one micro-batch: `fixed + per_row * rows`, measured by the probe or counted analytically."""
-
-    fixed: int  # independent of the rows: autocast's 16-bit weight copy, T5's position bias
-    per_row: int
-    method: str  # "probe" or "analytic"
-
-    def at(self, rows: int) -> int:
-        return self.fixed + self.per_row * rows
-
-
 def autocast_dtype_name(mixed_precision: str) -> str | None:
     """The 16-bit type a GPU run computes its matmuls in, or None for fp32."""
     return {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision)
 
 
-def analytic_activations(model_cfg, vocab: int, seq_len: int, mixed_precision: str, parameters: int) -> Activations:
-    coefficients = _PER_TOKEN["16-bit" if autocast_dtype_name(mixed_precision) else "fp32"]
-    d, heads = model_cfg.d_model, model_cfg.num_heads
-    widths = (d, model_cfg.d_ff, heads * model_cfg.d_kv, heads * seq_len)
-    layer = lambda kind: sum(c * w for c, w in zip(coefficients[kind], widths))
-    per_token = (model_cfg.num_layers * layer("encoder") + model_cfg.num_decoder_layers * layer("decoder")
-                 + coefficients["outside_d_model"] * d + (_VOCAB_SAVED + _VOCAB_BACKWARD) * vocab)
-    return Activations(fixed=coefficients["weight_copy"] * parameters, per_row=per_token * seq_len,
-                       method="analytic")
+class AnalyticActivations:
+    """Activation bytes from the per-token coefficients above: instant, within a few percent of the probe."""
+
+    method = "analytic"
+
+    def __init__(self, model_cfg, vocab: int, mixed_precision: str, parameters: int):
+        self.model_cfg, self.vocab, self.parameters = model_cfg, vocab, parameters
+        self.coefficients = _PER_TOKEN["16-bit" if autocast_dtype_name(mixed_precision) else "fp32"]
+
+    def bytes(self, rows: int, seq_len: int) -> int:
+        cfg, coefficients = self.model_cfg, self.coefficients
+        widths = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.num_heads * seq_len)
+        layer = lambda kind: sum(c * w for c, w in zip(coefficients[kind], widths))
+        per_token = (cfg.num_layers * layer("encoder") + cfg.num_decoder_layers * layer("decoder")
+                     + coefficients["outside_d_model"] * cfg.d_model + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab)
+        return coefficients["weight_copy"] * self.parameters + per_token * rows * seq_len
 
 
 class _SizedVocabulary:
@@ -77,41 +80,36 @@ class _SizedVocabulary:
         return self.size
 
 
-def _peak_tracker():
-    """A dispatch mode that follows every storage created under it from allocation to release."""
-    from torch import Tensor
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+class PeakBytes(TorchDispatchMode):
+    """Follows every tensor storage created under it from allocation to release, and keeps the peak.
 
-    class PeakBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live, self.peak, self.tracked = 0, 0, set()
+    Gradients are forgotten as soon as they reach their parameter: they count among the 16 bytes per parameter,
+    and left in they would move the peak of small batches to the end of the backward pass.
+    """
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # Views and in-place results share an input's storage: counted already, or older than the step.
-            inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, Tensor):
-                    self._track(tensor.untyped_storage(), inputs)
-            return out
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.sizes = 0, 0, {}
 
-        def _track(self, storage, inputs: set) -> None:
-            key = id(storage)
-            if key in inputs or key in self.tracked:
-                return
-            size = storage.nbytes()
-            self.tracked.add(key)
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, size)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: counted already, or older than the step.
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in inputs:
+                self._track(tensor.untyped_storage())
+        return out
 
-        def _release(self, key: int, size: int) -> None:
-            self.tracked.discard(key)
-            self.live -= size
+    def _track(self, storage) -> None:
+        if id(storage) in self.sizes:
+            return
+        self.sizes[id(storage)] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.forget, id(storage))
 
-    return PeakBytes()
+    def forget(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
 
 
 def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None) -> int:
@@ -120,61 +118,52 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
     With `fake_mode` (the FakeTensorMode the model was built in) nothing is computed; without it the step runs
     for real on the CPU, which is how the tests check the fake figure.
     """
-    import contextlib
-
-    import torch
-
-    from utils.evaluation import token_loss_sum
-
     dtype = autocast_dtype_name(mixed_precision)
     model.train()
     model.zero_grad(set_to_none=True)
     with fake_mode or contextlib.nullcontext():
         tokens = torch.randint(2, len(model.get_input_embeddings().weight), (rows, seq_len))
-        with _peak_tracker() as tracker:
+        tracker = PeakBytes()
+        hooks = [parameter.register_post_accumulate_grad_hook(lambda p: tracker.forget(id(p.grad.untyped_storage())))
+                 for parameter in model.parameters()]
+        with tracker:
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
                 # No attention mask: transformers asks a mask whether it is all ones, which fake tensors cannot
                 # answer; the mask itself is rows x seq_len integers, nothing next to the activations.
                 loss, _ = token_loss_sum(model, tokens, None, tokens)
             loss.backward()
+    for hook in hooks:
+        hook.remove()
     model.zero_grad(set_to_none=True)
     return tracker.peak
 
 
-def probe_activations(model_cfg, vocab: int, seq_len: int, mixed_precision: str) -> Activations:
-    """Measure the configured model at 1 and 2 rows on fake tensors; sizes are linear in the rows beyond that."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class ProbedActivations:
+    """Activation bytes measured on the configured model, built once on fake tensors (a few seconds a figure).
 
-    from model.t5 import build_model
+    Each figure is measured at its own batch size: a fixed-size transient (the tied embedding's gradient) is the
+    peak of small batches, so a small batch scaled up would miss the peak of a large one.
+    """
 
-    fake_mode = FakeTensorMode()
-    with fake_mode:
-        model = build_model(model_cfg, _SizedVocabulary(vocab))
-    one, two = (step_peak_bytes(model, rows, seq_len, mixed_precision, fake_mode) for rows in (1, 2))
-    return Activations(fixed=2 * one - two, per_row=two - one, method="probe")
+    method = "probe"
 
+    def __init__(self, model_cfg, vocab: int, mixed_precision: str):
+        self.mixed_precision = mixed_precision
+        self.fake_mode = FakeTensorMode()
+        with self.fake_mode:
+            self.model = build_model(model_cfg, _SizedVocabulary(vocab))
 
-@dataclass
-class GpuMemory:
-    """One process's GPU memory in bytes, part by part."""
-
-    parts: dict  # label -> bytes, in the order a reader adds them up
-    activations: Activations
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
+    def bytes(self, rows: int, seq_len: int) -> int:
+        return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode)
 
 
-def gpu_memory(parameters: int, activations: Activations, rows: int, num_processes: int) -> GpuMemory:
-    parts = {
-        "weights (fp32)": WEIGHT_BYTES * parameters,
-        "gradients (fp32)": GRADIENT_BYTES * parameters,
-        "AdamW moments (fp32)": ADAM_BYTES * parameters,
-        "activations of a micro-batch": activations.at(rows),
+def gpu_memory(parameters: int, activation_bytes: int, num_processes: int) -> dict:
+    """One process's GPU memory in bytes, part by part, in the order a reader adds them up."""
+    return {
+        "weights": WEIGHT_BYTES * parameters,
+        "gradients": GRADIENT_BYTES * parameters,
+        "adam_moments": ADAM_BYTES * parameters,
+        "activations": activation_bytes,
+        "ddp_buckets": DDP_BUCKET_BYTES * parameters if num_processes > 1 else 0,
+        "cuda_context": CUDA_CONTEXT_BYTES,
     }
-    if num_processes > 1:
-        parts["DDP gradient buckets"] = DDP_BUCKET_BYTES * parameters
-    parts["CUDA context"] = CUDA_CONTEXT_BYTES
-    return GpuMemory(parts, activations)
-

@@ -12,6 +12,7 @@ from model.dataset import expand_paths, read_footer
 from model.t5 import estimate_parameters
 from utils.checkpoint import complete_states
 from utils.errors import UserError, UserErrors
+from utils.runtime import tracker_names
 
 BYTES_PER_PARAMETER_SAVED = 4 * 5  # fp32: best model + final model + state (weights and two Adam moments)
 log = logging.getLogger("trainer")
@@ -31,6 +32,20 @@ def file_rows(flag: str, files: str, problems: list) -> int:
         except UserError as error:
             problems.append(f"--{flag}: {error}")
     return rows
+
+
+def check_trackers(report_to: str, problems: list) -> None:
+    """Trackers go through Accelerate; a name it does not know, or whose package is missing, is a problem."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in tracker_names(report_to):
+        installed = getattr(accelerate.utils, f"is_{name}_available", None)
+        if name not in LOGGER_TYPE_TO_CLASS:
+            problems.append(f"--report_to={report_to}: unknown tracker {name!r} "
+                            f"(Accelerate knows: none, {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        elif installed is not None and not installed():
+            problems.append(f"--report_to={report_to}: the {name} package is not installed (pip install {name})")
 
 
 def check_tokenizer(cfg, problems: list) -> int | None:
@@ -85,6 +100,7 @@ def check_before_training(cfg, model_cfg) -> list[str]:
                         "--keep_latest_n_ckp=0 as well, or evaluate at least one row")
     vocab = check_tokenizer(cfg, problems) or cfg.vocab_size
     check_output_dir(cfg, estimate_parameters(model_cfg, vocab) * BYTES_PER_PARAMETER_SAVED, problems)
+    check_trackers(cfg.report_to, problems)
     if model_cfg.d_kv * model_cfg.num_heads < 8:
         problems.append("--num_heads x --d_kv must be at least 8")
     if problems:

@@ -22,7 +22,7 @@ from utils.flags import changed_fields
 from utils.memory import MemoryHygiene
 from utils.optim import build_optimizer, build_scheduler, lr_factor
 from utils.run_log import MetricsLog, log_file_path, setup_logging
-from utils.runtime import start
+from utils.runtime import start, tracker_names
 from utils.signals import StopSignals
 from utils.state import TrainingState
 from utils.step import StepRunner
@@ -150,7 +150,7 @@ def prepare_run(cfg, model_cfg) -> Run:
     best = BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer)
     best.sync_disk(state.best)
     metrics = MetricsLog(cfg.output_dir, accelerator, state.global_step if cfg.is_keep_training else 0)
-    if runtime_trackers(cfg):
+    if tracker_names(cfg.report_to):
         accelerator.init_trackers("t5_pretrain", config={k: str(v) for k, v in description["train"].items()})
     log.info("data: %d rows, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.num_rows,
              steps_per_epoch, total_steps, cfg.epochs, feed.global_batch_size(state))
@@ -161,7 +161,3 @@ def prepare_run(cfg, model_cfg) -> Run:
                          cfg.max_seq_len),
                metrics, MemoryHygiene(cfg.memory_cleanup_steps, cfg.memory_log_steps, metrics), StopSignals(),
                total_steps)
-
-
-def runtime_trackers(cfg) -> list:
-    return [name for name in cfg.report_to.split(",") if name and name != "none"]

@@ -61,6 +61,10 @@ def decide(cfg) -> Runtime:
     return runtime
 
 
+def tracker_names(report_to: str) -> list[str]:
+    return [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
+
+
 def set_nccl_defaults() -> None:
     """NCCL reads these at communicator creation; they matter only with NCCL, so leave gloo runs untouched."""
     if torch.cuda.is_available():
@@ -79,7 +83,7 @@ def start(cfg, gradient_accumulation_steps: int) -> tuple[Accelerator, Runtime]:
     if state.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
     runtime = decision[0]
-    trackers = [name for name in cfg.report_to.split(",") if name and name != "none"]
+    trackers = tracker_names(cfg.report_to)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=runtime.mixed_precision,

@@ -1,0 +1,330 @@
+"""`plan`: what a run will do and need (steps, saves, GPU memory, host RAM, disk, hours) without training.
+
+Every train and model flag works here as in `train`. Rows come from the parquet footers of `train_file`, or from
+`--num_samples` (then the file need not exist yet). Memory and disk are in GiB (2^30 bytes: a "20 GB" card holds
+20 GiB). How each figure is worked out is said next to it in the table and in `utils.memory_estimate`.
+"""
+import json
+import math
+import shutil
+
+from config import with_resolved_paths
+from utils.cli import flag_int, train_configs
+from utils.errors import UserError, UserErrors
+from utils.flags import FlagProblem, check_bounds, to_float
+
+GIB = 1024**3
+GPU_BUDGET_BYTES = 20 * GIB  # the user's cards (the guide: 3 x 20 GB)
+# Below this share of the card left over, fragmentation of PyTorch's allocator may still run out.
+TIGHT_SHARE = 0.1
+GUIDE_STEP_SECONDS = (0.5, 0.8)  # the guide's estimate per optimizer step on its 3 GPUs: only an example
+SHORTER_SEQ_LENS = (160, 128, 96, 64)
+# Host RAM besides what this process measures: the CUDA runtime, cuBLAS and cuDNN on the host side of a GPU
+# process (0.8-1.5 GiB is typical), and a forked DataLoader worker's own pages beyond its data window.
+CUDA_HOST_BYTES = GIB
+WORKER_BYTES = GIB // 4
+ASSUMED_ROW_BYTES = 1024  # stored bytes per row when no training file can be read (plans made with --num_samples)
+TOKEN_ID_BYTES = 4  # the dataset keeps a window's token ids as int32
+# State: fp32 weights and AdamW's two moments; model directories: fp32 safetensors.
+STATE_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 12, 4
+
+
+def flag_float(name: str, value, minimum: float) -> float:
+    try:
+        number = to_float(value)
+    except FlagProblem as problem:
+        raise UserError(f"--{name}={value!r} {problem}") from None
+    problem = check_bounds(name, number, {"min": minimum})
+    if problem:
+        raise UserError(problem)
+    return number
+
+
+def parse_flags(use_large_config, flags, num_processes, num_samples, step_time):
+    """Every bad flag, the plan's own and the configs', in one UserErrors, before anything heavy is imported."""
+    problems, values = [], {}
+    for name, raw, convert in (("num_processes", num_processes, lambda n, v: flag_int(n, v, 1)),
+                               ("num_samples", num_samples, lambda n, v: flag_int(n, v, 0)),
+                               ("step_time", step_time, lambda n, v: flag_float(n, v, 0.0))):
+        try:
+            values[name] = convert(name, raw)
+        except UserError as error:
+            problems.append(str(error))
+    try:
+        cfg, model_cfg = train_configs(use_large_config, flags)
+    except UserErrors as errors:
+        problems.extend(errors.problems)
+    if problems:
+        raise UserErrors(problems)
+    return with_resolved_paths(cfg), model_cfg, values
+
+
+def training_rows(cfg, num_samples: int) -> tuple[int, str]:
+    from utils.preflight import file_rows
+
+    if num_samples:
+        return num_samples, "--num_samples"
+    problems = []
+    rows = file_rows("train_file", cfg.train_file, problems)
+    if not problems and rows == 0:
+        problems.append(f"--train_file={cfg.train_file}: holds no rows")
+    if problems:
+        problems[-1] += " (plan without the file: --num_samples=ROWS)"
+        raise UserErrors(problems)
+    return rows, "parquet footers of --train_file"
+
+
+def stored_row_bytes(train_file: str) -> float | None:
+    """Uncompressed bytes per row from the parquet footers (about the size of the rows in Arrow), if readable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.preflight import expand_paths
+
+    total_bytes = total_rows = 0
+    try:
+        for path in expand_paths([p.strip() for p in train_file.split(",")]):
+            metadata = pq.ParquetFile(path).metadata
+            total_rows += metadata.num_rows
+            total_bytes += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    except (UserError, OSError, pa.ArrowException):
+        return None
+    return total_bytes / total_rows if total_rows else None
+
+
+def schedule(cfg, rows: int, num_processes: int) -> dict:
+    """Optimizer steps and the events the trainer ties to them (see `utils.trainer.train_loop`)."""
+    global_batch = cfg.batch_size_per_gpu * num_processes * cfg.gradient_accumulation_steps
+    per_epoch = math.ceil(rows / global_batch)
+    schedule_steps = cfg.epochs * per_epoch  # the learning-rate schedule's length; max_steps never changes it
+    total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
+    # Evaluation and save at every save_steps, and at each epoch end unless one just happened at that step.
+    epoch_ends = [e * per_epoch for e in range(1, cfg.epochs + 1) if e * per_epoch <= total]
+    saves = total // cfg.save_steps + sum(1 for step in epoch_ends if step % cfg.save_steps)
+    return dict(rows=rows, num_processes=num_processes, global_batch_size=global_batch, steps_per_epoch=per_epoch,
+                epochs=cfg.epochs, schedule_steps=schedule_steps, total_steps=total, warmup_steps=cfg.warmup_steps,
+                saves=saves, evaluations=saves if cfg.eval_max_samples else 0,
+                logging_lines=total // cfg.logging_steps,
+                memory_lines=total // cfg.memory_log_steps if cfg.memory_log_steps else 0)
+
+
+def vocabulary(cfg) -> tuple[int, str]:
+    from utils.preflight import check_tokenizer
+
+    problems = []
+    size = check_tokenizer(cfg, problems)
+    if problems:
+        raise UserErrors(problems)
+    if size:
+        return size, f"the tokenizer in {cfg.tokenizer_dir}"
+    return cfg.vocab_size, f"--vocab_size (no tokenizer in {cfg.tokenizer_dir} yet)"
+
+
+def activation_estimators(model_cfg, vocab: int, mixed_precision: str, parameters: int, probe: bool, notes: list):
+    """The estimator for the table (the probe, unless off or failing) and the analytic one for what-ifs."""
+    from utils.memory_estimate import AnalyticActivations, ProbedActivations
+
+    analytic = AnalyticActivations(model_cfg, vocab, mixed_precision, parameters)
+    if not probe:
+        return analytic, analytic
+    try:
+        return ProbedActivations(model_cfg, vocab, mixed_precision), analytic
+    except Exception as error:  # the probe relies on torch internals; a changed one must not cost the whole plan
+        notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
+        return analytic, analytic
+
+
+def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, probe: bool, notes: list) -> dict:
+    from utils.memory_estimate import gpu_memory
+
+    estimator, analytic = activation_estimators(model_cfg, vocab, cfg.mixed_precision, parameters, probe, notes)
+    rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
+    activations = estimator.bytes(rows, seq)
+    parts = gpu_memory(parameters, activations, num_processes)
+    total = sum(parts.values())
+
+    def total_with(other_rows: int, other_seq: int) -> int:
+        # What-ifs scale the measured activations by the analytic model's ratio: no further probe needed.
+        return total - activations + round(activations * analytic.bytes(other_rows, other_seq)
+                                           / analytic.bytes(rows, seq))
+
+    suggestions = []
+    if total > GPU_BUDGET_BYTES:
+        accumulation = cfg.gradient_accumulation_steps
+        smaller = next((d for d in range(rows - 1, 0, -1)
+                        if rows % d == 0 and total_with(d, seq) <= GPU_BUDGET_BYTES), None)
+        if smaller:
+            suggestions.append(f"--batch_size_per_gpu={smaller} --gradient_accumulation_steps="
+                               f"{accumulation * rows // smaller} (the same global batch): about "
+                               f"{total_with(smaller, seq) / GIB:.1f} GiB")
+        shorter = next((s for s in SHORTER_SEQ_LENS if s < seq and total_with(rows, s) <= GPU_BUDGET_BYTES), None)
+        if shorter:
+            suggestions.append(f"--max_seq_len={shorter} (longer texts are truncated): about "
+                               f"{total_with(rows, shorter) / GIB:.1f} GiB")
+    elif GPU_BUDGET_BYTES - total < TIGHT_SHARE * GPU_BUDGET_BYTES:
+        suggestions.append("under 10% of the card is left for the allocator's fragmentation; should CUDA run out "
+                           "of memory, the trainer retries with half the micro-batch (same global batch)")
+    return dict(parts=parts, total=total, method=estimator.method, suggestions=suggestions)
+
+
+def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
+    import psutil
+
+    from utils.runtime import LOW_RAM_BYTES
+
+    window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * 2 * cfg.max_seq_len * TOKEN_ID_BYTES)
+    workers = cfg.num_workers
+    if workers == "auto":  # as the trainer decides on a GPU machine (utils.runtime.decide), from this one's RAM
+        workers = 0 if psutil.virtual_memory().total < LOW_RAM_BYTES else 2
+    parts = {
+        "libraries": psutil.Process().memory_info().rss,
+        "cuda_runtime": CUDA_HOST_BYTES,
+        "model_copy": MODEL_BYTES_PER_PARAMETER * parameters,
+        "data_window": round(window),
+        "workers": round(workers * (WORKER_BYTES + window)),
+    }
+    return dict(parts=parts, total=sum(parts.values()), workers=workers)
+
+
+def disk_plan(cfg, parameters: int) -> dict:
+    from utils.preflight import nearest_existing
+
+    model = MODEL_BYTES_PER_PARAMETER * parameters
+    parts = {"best_models": cfg.keep_latest_n_ckp * model, "final": model,
+             "state": 2 * STATE_BYTES_PER_PARAMETER * parameters}
+    free = shutil.disk_usage(nearest_existing(cfg.output_dir)).free
+    return dict(parts=parts, total=sum(parts.values()), free=free, model=model)
+
+
+def hours(steps: int, seconds: float) -> float:
+    return round(steps * seconds / 3600, 2)
+
+
+def gib(size: float) -> float:
+    return round(size / GIB, 2)
+
+
+def json_report(plan: dict) -> dict:
+    steps, gpu, host, disk = plan["steps"], plan["gpu"], plan["host"], plan["disk"]
+    return {
+        **steps, "rows_source": plan["rows_source"], "parameters": plan["parameters"], "vocab_size": plan["vocab"],
+        "activation_method": gpu["method"], "gpu_memory_gb_per_process": gib(gpu["total"]),
+        "gpu_memory_breakdown_gb": {k: gib(v) for k, v in gpu["parts"].items()},
+        "fits_20gb": gpu["total"] <= GPU_BUDGET_BYTES,
+        "host_ram_gb_per_process": gib(host["total"]),
+        "host_ram_gb_total": gib(host["total"] * steps["num_processes"]),
+        "host_ram_breakdown_gb": {k: gib(v) for k, v in host["parts"].items()}, "num_workers": host["workers"],
+        "disk_gb": gib(disk["total"]), "disk_breakdown_gb": {k: gib(v) for k, v in disk["parts"].items()},
+        "disk_free_gb": gib(disk["free"]),
+        "step_time_s": plan["step_time"], "hours_per_epoch": plan["hours_per_epoch"],
+        "hours_total": plan["hours_total"], "example_step_time_s": list(GUIDE_STEP_SECONDS),
+        "example_hours_per_epoch": plan["example_hours_per_epoch"], "example_hours_total": plan["example_hours_total"],
+        "suggestions": gpu["suggestions"], "notes": plan["notes"],
+    }
+
+
+def human_report(plan: dict) -> str:
+    cfg, steps, gpu, host, disk = plan["cfg"], plan["steps"], plan["gpu"], plan["host"], plan["disk"]
+    processes, accumulation = steps["num_processes"], cfg.gradient_accumulation_steps
+    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(cfg.mixed_precision, "fp32")
+    spare = GPU_BUDGET_BYTES - gpu["total"]
+    free_ratio = "fits a 20 GiB card" if spare >= 0 else "does NOT fit a 20 GiB card"
+    lines = [f"Plan for {type(cfg).__name__} on {processes} process{'es' * (processes > 1)} "
+             "(nothing is trained; every figure is an estimate)"]
+
+    def section(title: str, rows: list) -> None:
+        lines.append(title)
+        lines.extend(f"  {label:<24}{value:>14}  {note}".rstrip() for label, value, note in rows)
+
+    section("Schedule", [
+        ("rows", f"{steps['rows']:,}", plan["rows_source"]),
+        ("global batch", f"{steps['global_batch_size']:,}",
+         f"{cfg.batch_size_per_gpu} per GPU x {processes} processes x {accumulation} accumulation steps"),
+        ("steps per epoch", f"{steps['steps_per_epoch']:,}", "ceil(rows / global batch)"),
+        ("total steps", f"{steps['total_steps']:,}", f"{cfg.epochs} epochs"
+         + (f", stopped by --max_steps (schedule: {steps['schedule_steps']:,})" if cfg.max_steps else "")),
+        ("warmup steps", f"{cfg.warmup_steps:,}",
+         f"then cosine decay to {0.1 * cfg.learn_rate:g} at step {steps['schedule_steps']:,}"),
+        ("evaluations and saves", f"{steps['saves']:,}", f"every {cfg.save_steps:,} steps and at each epoch end"
+         + ("" if steps["evaluations"] else "; no evaluation (--eval_max_samples=0)")),
+        ("training log lines", f"{steps['logging_lines']:,}", f"every {cfg.logging_steps:,} steps"),
+    ])
+    section("Model", [("parameters", f"{plan['parameters']:,}", f"vocab {plan['vocab']:,} from {plan['vocab_source']}")])
+    section("GPU memory per process (GiB)", [
+        ("weights", f"{gib(gpu['parts']['weights']):.2f}", "fp32, 4 bytes per parameter"),
+        ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"),
+        ("AdamW moments", f"{gib(gpu['parts']['adam_moments']):.2f}", "fp32, 8 bytes per parameter"),
+        ("activations", f"{gib(gpu['parts']['activations']):.2f}",
+         f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens, {precision} ({gpu['method']}), peak"),
+        ("DDP gradient buckets", f"{gib(gpu['parts']['ddp_buckets']):.2f}",
+         "a second copy of the gradients" if processes > 1 else "none with one process"),
+        ("CUDA context", f"{gib(gpu['parts']['cuda_context']):.2f}", "outside PyTorch's allocator"),
+        ("total", f"{gib(gpu['total']):.2f}", f"{free_ratio} ({abs(spare) / GIB:.1f} GiB "
+         + ("left)" if spare >= 0 else "over)")),
+    ])
+    section("Host RAM per process (GiB)", [
+        ("libraries", f"{gib(host['parts']['libraries']):.2f}", "python, torch, transformers: measured here"),
+        ("CUDA runtime", f"{gib(host['parts']['cuda_runtime']):.2f}", "assumed: host side of the CUDA libraries"),
+        ("model copy", f"{gib(host['parts']['model_copy']):.2f}", "built in RAM before it moves to the GPU"),
+        ("data window", f"{gib(host['parts']['data_window']):.2f}",
+         f"2 windows of {cfg.dataloader_buffer_size:,} rows: text and token ids"),
+        ("DataLoader workers", f"{gib(host['parts']['workers']):.2f}", f"{host['workers']} workers"),
+        ("total", f"{gib(host['total']):.2f}", f"{gib(host['total'] * processes):.2f} GiB for {processes} "
+         "processes on one machine"),
+    ])
+    section("Disk in output_dir (GiB)", [
+        ("best models", f"{gib(disk['parts']['best_models']):.2f}",
+         f"{cfg.keep_latest_n_ckp} x {gib(disk['model']):.2f} (fp32 safetensors)"),
+        ("final/", f"{gib(disk['parts']['final']):.2f}", ""),
+        ("resumable state", f"{gib(disk['parts']['state']):.2f}",
+         "weights and AdamW moments, twice while a new one replaces the old"),
+        ("total", f"{gib(disk['total']):.2f}", f"{gib(disk['free']):.2f} GiB free there now"),
+    ])
+    if plan["step_time"]:
+        section("Time (evaluations not included)", [
+            ("step time", f"{plan['step_time']:g} s", "--step_time"),
+            ("hours per epoch", f"{plan['hours_per_epoch']:.1f}", ""),
+            ("hours in total", f"{plan['hours_total']:.1f}", f"{steps['total_steps']:,} steps"),
+        ])
+    else:
+        low, high = GUIDE_STEP_SECONDS
+        per_epoch, total = plan["example_hours_per_epoch"], plan["example_hours_total"]
+        section("Time", [
+            ("step time", "not given", "--step_time=SECONDS, as your GPUs log it (seconds per step)"),
+            (f"at {low}-{high} s/step", f"{per_epoch[0]:.1f}-{per_epoch[1]:.1f}",
+             f"hours per epoch, {total[0]:.1f}-{total[1]:.1f} in total (the guide's estimate, an example)"),
+        ])
+    for title, items in (("Suggestions", gpu["suggestions"]), ("Notes", plan["notes"])):
+        if items:
+            lines.append(title)
+            lines.extend(f"  - {item}" for item in items)
+    return "\n".join(lines)
+
+
+def run_plan(use_large_config, flags, num_processes, num_samples, step_time, as_json, probe) -> None:
+    cfg, model_cfg, values = parse_flags(use_large_config, flags, num_processes, num_samples, step_time)
+    from model.t5 import estimate_parameters
+
+
+    rows, rows_source = training_rows(cfg, values["num_samples"])
+    row_bytes = stored_row_bytes(cfg.train_file)
+    notes = [] if row_bytes else [f"no readable --train_file: assuming {ASSUMED_ROW_BYTES} bytes per row"]
+    steps = schedule(cfg, rows, values["num_processes"])
+    vocab, vocab_source = vocabulary(cfg)
+    parameters = estimate_parameters(model_cfg, vocab)
+    host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
+    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, values["num_processes"], probe, notes)
+    seconds = values["step_time"]
+    plan = dict(
+        cfg=cfg, model_cfg=model_cfg, steps=steps, rows_source=rows_source, vocab=vocab, vocab_source=vocab_source,
+        parameters=parameters, gpu=gpu, host=host, disk=disk_plan(cfg, parameters), notes=notes,
+        step_time=seconds or None,
+        hours_per_epoch=hours(steps["steps_per_epoch"], seconds) if seconds else None,
+        hours_total=hours(steps["total_steps"], seconds) if seconds else None,
+        example_hours_per_epoch=[hours(steps["steps_per_epoch"], s) for s in GUIDE_STEP_SECONDS],
+        example_hours_total=[hours(steps["total_steps"], s) for s in GUIDE_STEP_SECONDS],
+    )
+    if steps["warmup_steps"] >= steps["schedule_steps"]:
+        notes.append(f"--warmup_steps={cfg.warmup_steps} is not below the schedule's {steps['schedule_steps']} "
+                     "steps: the learning rate never reaches --learn_rate")
+    print(json.dumps(json_report(plan), indent=2) if as_json else human_report(plan))

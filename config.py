@@ -153,5 +153,5 @@ class TrainConfigPretrainLarge(TrainConfig):
     """Evaluate and save a resumable state every this many optimizer steps."""
     logging_steps: int = bounded(100, min=1)
     """Log loss, lr and throughput every this many optimizer steps."""
-    eval_max_samples: int = bounded(1000, min=0)
+    eval_max_samples: int = bounded(2000, min=0)
     """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 
+from accelerate.utils import broadcast_object_list
+
 STATE_DIR, BEST_DIR, FINAL_DIR = "state", "best", "final"
 COMPLETE_MARKER = "COMPLETE"
 TMP_PREFIX = "tmp-"
@@ -110,11 +112,13 @@ class Checkpointer:
     def save(self, state) -> None:
         """Write `state` and the model, optimizer, scheduler and RNGs (all ranks); keep only the newest."""
         name = state_name(state)
-        if self.last_saved == name:
-            return
         root = os.path.join(self.output_dir, STATE_DIR)
         final = os.path.join(root, name)
         tmp = os.path.join(root, TMP_PREFIX + name)
+        # The same position was saved already (e.g. a resume of a finished run): never swap out a good state.
+        if self.last_saved == name or self._main_sees(os.path.join(final, COMPLETE_MARKER)):
+            self.last_saved = name
+            return
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -133,6 +137,13 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.last_saved = name
         log.info("saved resumable state at step %d: %s", state.global_step, final)
+
+    def _main_sees(self, path: str) -> bool:
+        """Whether the main process sees `path`, the same answer on every rank (nodes may not share disks)."""
+        answer = [os.path.exists(path) if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        return answer[0]
 
     def _remove_all_but(self, keep: str) -> None:
         root = os.path.dirname(keep)

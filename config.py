@@ -131,27 +131,17 @@ class TrainConfig:
 
 @dataclass
 class TrainConfigPretrainLarge(TrainConfig):
-    """10M rows on 3 GPUs of 20 GB and 12 GB of host RAM (the user's guide)."""
+    """10M rows on 3 GPUs of 20 GB and 12 GB of host RAM (the user's guide). Help texts come from TrainConfig."""
 
     train_file: str = "data/pretrain_train_10m.parquet"
-    """Training parquet: a path, a glob or comma-separated paths, columns `prompt` and `response`."""
     validation_file: str = "data/pretrain_valid_100k.parquet"
-    """Validation parquet for BLEU-4 and eval loss."""
     max_seq_len: int = bounded(192, min=8)
-    """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated."""
     dataloader_buffer_size: int = bounded(5000, min=1)
-    """Shuffle window in rows; also bounds how many rows are held in memory."""
     epochs: int = bounded(3, min=1)
-    """Passes over the training data; sets the length of the learning-rate schedule."""
     batch_size_per_gpu: int = bounded(32, min=1)
-    """Rows per micro-batch on each process."""
     gradient_accumulation_steps: int = bounded(2, min=1)
-    """Micro-batches per optimizer step on each process."""
     output_dir: str = "model_save/pretrain_large"
-    """Where checkpoints, metrics.jsonl, best models and final/ go."""
     save_steps: int = bounded(5000, min=1)
-    """Evaluate and save a resumable state every this many optimizer steps."""
     logging_steps: int = bounded(100, min=1)
-    """Log loss, lr and throughput every this many optimizer steps."""
     eval_max_samples: int = bounded(2000, min=0)
     """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""

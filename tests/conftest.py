@@ -83,3 +83,11 @@ def task_tokenizer_dir(tmp_path_factory) -> str:
     corpus = write_demo_parquet(str(directory / "corpus.parquet"), 2000, seed=0)
     train_tokenizer(corpus, directory / "tokenizer", vocab_size=400)
     return str(directory / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory, task_tokenizer_dir):
+    """The learnable task's train and validation files (256 and 32 rows) and its tokenizer directory."""
+    from tests.cli_helpers import make_task_data
+
+    return make_task_data(tmp_path_factory.mktemp("task_data")), task_tokenizer_dir

@@ -18,10 +18,6 @@ from tests.cli_helpers import (ENTRY, REPO, as_flags, assert_same_weights, child
 from utils.step import SIMULATE_OOM_ENV
 
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory, task_tokenizer_dir):
-    return make_task_data(tmp_path_factory.mktemp("reliability_data")), task_tokenizer_dir
-
 
 def assert_user_error(result, *fragments):
     assert result.returncode == 2, result.stderr
@@ -172,6 +168,19 @@ def test_sigterm_to_one_rank_stops_both_in_step_with_a_state_to_resume(tmp_path,
     assert f"step {stopped_at}, epoch 0" in resumed.stdout
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(reference["output_dir"]), rtol=1e-6,
                         atol=1e-8)
+
+
+def test_ctrl_c_saves_a_resumable_state_and_exits_cleanly(tmp_path, task, uninterrupted):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
+    process = start_training(flags)
+    wait_for_line(process, "step 3/")
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "SIGINT received" in output and "stopped by a signal" in output
+    assert "Traceback" not in output
+    run_cli("train", dict(flags, is_keep_training=True))
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
 
 
 # ---------------------------------------------------------------- divergence and out of memory

@@ -5,17 +5,13 @@ import shutil
 
 import pytest
 
-from tests.cli_helpers import (assert_same_weights, final_weights, make_task_data, read_metrics, run_cli,
+from tests.cli_helpers import (assert_same_weights, final_weights, read_metrics, run_cli,
                                tiny_run_flags)
 
 # Dropout stays on (0.1): a resume is exact only if every RNG state comes back too.
 RUN = dict(batch_size_per_gpu=4, gradient_accumulation_steps=2, epochs=2, save_steps=10, logging_steps=1)
 TOTAL_STEPS = 2 * 256 // 8
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory, task_tokenizer_dir):
-    return make_task_data(tmp_path_factory.mktemp("resume_data")), task_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,10 @@ import os
 
 import pytest
 
-from tests.cli_helpers import (assert_same_weights, final_weights, make_task_data, read_metrics, run_cli,
+from tests.cli_helpers import (assert_same_weights, final_weights, read_metrics, run_cli,
                                tiny_run_flags)
 from utils.optim import lr_factor
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory, task_tokenizer_dir):
-    return make_task_data(tmp_path_factory.mktemp("task_data")), task_tokenizer_dir
 
 
 def test_loss_falls_on_a_learnable_task_within_a_few_dozen_steps(tmp_path, task):

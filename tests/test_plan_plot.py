@@ -1,0 +1,196 @@
+"""`plan` tells what a run will do and need, `plot` draws its metrics, and configs/ holds valid Accelerate configs."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+from conftest import write_parquet
+
+from config import T5ModelConfig, TrainConfigPretrainLarge
+from tests.cli_helpers import REPO, TINY_MODEL, run_cli_raw
+from utils import memory_estimate
+from utils.errors import UserError
+from utils.memory_estimate import GIB, AnalyticActivations, ProbedActivations, step_peak_bytes
+from utils.plan import run_plan
+from utils.plot import run_plot
+
+GUIDE_ARGV = ["plan", "--use_large_config=True", "--num_processes=3", "--num_samples=10000000"]
+
+
+def plan_json(capsys, flags: dict, num_processes=1, num_samples=0, step_time=0.0, probe=False) -> dict:
+    """`plan --json` in this process (the libraries are loaded once for all these tests)."""
+    run_plan(False, flags, num_processes, num_samples, step_time, True, probe)
+    return json.loads(capsys.readouterr().out)
+
+
+def no_tokenizer(tmp_path) -> dict:
+    """Flags that size the vocabulary from --vocab_size, whatever tokenizer the checkout holds."""
+    return {"tokenizer_dir": str(tmp_path / "no_tokenizer"), "vocab_size": 32000}
+
+
+def test_plan_json_for_the_guide_setting_counts_52084_steps_per_epoch_of_192_rows():
+    result = run_cli_raw(GUIDE_ARGV + ["--json", "--probe=False"])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["global_batch_size"] == 192
+    assert plan["steps_per_epoch"] in (52083, 52084)
+    assert plan["total_steps"] == 3 * plan["steps_per_epoch"]
+    assert plan["warmup_steps"] == 1024
+    assert plan["saves"] == plan["evaluations"] == 156252 // 5000 + 3  # no epoch end falls on a multiple of 5000
+    assert plan["logging_lines"] == plan["total_steps"] // 100
+    assert plan["gpu_memory_gb_per_process"] > plan["gpu_memory_breakdown_gb"]["activations"] > 0
+    assert isinstance(plan["fits_20gb"], bool)
+    assert plan["host_ram_gb_per_process"] > 0 and plan["disk_gb"] > 0
+    assert plan["hours_per_epoch"] is None and plan["example_hours_per_epoch"][0] > 0
+
+
+def test_plan_prints_an_aligned_table_for_people(capsys, tmp_path):
+    run_plan(True, no_tokenizer(tmp_path), 3, 10_000_000, 0.6, False, False)
+    table = capsys.readouterr().out
+    assert "steps per epoch" in table and "52,084" in table
+    assert "GPU memory per process (GiB)" in table and "hours per epoch" in table
+    rows = [line for line in table.splitlines() if line.startswith("  ") and not line.startswith("  - ")]
+    assert rows and all(line[39] != " " and line[40:42] in ("", "  ") for line in rows)  # values end in one column
+
+
+def test_plan_counts_the_rows_of_a_real_parquet_file(capsys, tmp_path):
+    path = write_parquet(tmp_path / "train.parquet", [f"问{i}" for i in range(1000)], ["答"] * 1000,
+                         row_group_size=300)
+    flags = dict(no_tokenizer(tmp_path), train_file=str(path), batch_size_per_gpu=10, gradient_accumulation_steps=3,
+                 epochs=2, max_steps=25)
+    plan = plan_json(capsys, flags, num_processes=2, step_time=360)
+    assert plan["rows"] == 1000
+    assert plan["global_batch_size"] == 60 and plan["steps_per_epoch"] == 17  # ceil(1000 / 60)
+    assert plan["schedule_steps"] == 34 and plan["total_steps"] == 25  # max_steps stops early
+    assert plan["hours_per_epoch"] == 1.7 and plan["hours_total"] == 2.5
+    assert not any("assuming" in note for note in plan["notes"])  # the row size came from the footers
+
+
+def test_plan_without_the_training_file_names_it_and_points_to_num_samples(capsys, tmp_path):
+    with pytest.raises(UserError, match=r"^--train_file.*missing\.parquet.*--num_samples"):
+        plan_json(capsys, {"train_file": str(tmp_path / "missing.parquet")})
+
+
+def test_plan_rejects_bad_flags_with_exit_2_naming_each_of_them():
+    result = run_cli_raw(["plan", "--num_processes=0", "--step_time=fast", "--num_samples=-5", "--batch_size=3"])
+    assert result.returncode == 2
+    problems = result.stderr.splitlines()
+    assert all(line.startswith("error: ") for line in problems)
+    for flag in ("--num_processes", "--step_time", "--num_samples", "--batch_size"):
+        assert any(flag in line for line in problems), flag
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_with_the_probe_measures_a_tiny_model(capsys, tmp_path):
+    flags = dict(no_tokenizer(tmp_path), **TINY_MODEL, vocab_size=500, max_seq_len=24, batch_size_per_gpu=4)
+    plan = plan_json(capsys, flags, num_samples=100, probe=True)
+    assert plan["activation_method"] == "probe"
+    assert plan["activation_bytes"] > 0 and plan["gpu_memory_gb_per_process"] > 0
+    assert plan["host_ram_gb_per_process"] > 0 and plan["fits_20gb"] is True
+
+
+def test_the_probe_on_fake_tensors_equals_a_real_cpu_step_byte_for_byte():
+    tiny = T5ModelConfig(**TINY_MODEL)
+    for precision in ("no", "bf16"):
+        torch.manual_seed(0)
+        real_model = memory_estimate.build_model(tiny, memory_estimate._SizedVocabulary(300))
+        real = step_peak_bytes(real_model, rows=3, seq_len=20, mixed_precision=precision)
+        assert ProbedActivations(tiny, 300, precision).bytes(3, 20) == real > 0
+
+
+def test_the_analytic_estimate_is_within_2_percent_of_the_probe_for_the_guide_model():
+    model_cfg, cfg = T5ModelConfig(), TrainConfigPretrainLarge()
+    probed = ProbedActivations(model_cfg, 32000, cfg.mixed_precision).bytes(cfg.batch_size_per_gpu, cfg.max_seq_len)
+    analytic = AnalyticActivations(model_cfg, 32000, cfg.mixed_precision, 189_767_424)
+    assert analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len) == pytest.approx(probed, rel=0.02)
+    assert 8 * GIB < probed < 20 * GIB
+
+
+def test_plan_suggests_a_smaller_micro_batch_or_shorter_texts_when_the_card_is_too_small(capsys, tmp_path):
+    plan = plan_json(capsys, dict(no_tokenizer(tmp_path), batch_size_per_gpu=64, gradient_accumulation_steps=1,
+                                  max_seq_len=192), num_samples=1000)
+    assert plan["fits_20gb"] is False
+    assert any("--batch_size_per_gpu=" in s and "--gradient_accumulation_steps=" in s for s in plan["suggestions"])
+    assert any("--max_seq_len=" in s for s in plan["suggestions"])
+
+
+def test_plan_falls_back_to_the_analytic_estimate_when_the_probe_breaks(capsys, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a future torch")
+
+    monkeypatch.setattr(memory_estimate, "ProbedActivations", broken)
+    plan = plan_json(capsys, dict(no_tokenizer(tmp_path), **TINY_MODEL), num_samples=100, probe=True)
+    assert plan["activation_method"] == "analytic"
+    assert any("a future torch" in note for note in plan["notes"])
+
+
+def write_metrics(directory, events) -> None:
+    with open(directory / "metrics.jsonl", "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(event) + "\n" for event in events)
+
+
+def test_plot_writes_a_png_per_chart_and_lists_them(tmp_path):
+    events = [dict(event="train", step=s, epoch=0, samples=8 * s, loss=3.0 / s, lr=1e-3 * min(1, s / 4),
+                   grad_norm=1.0, tokens_per_s=100.0) for s in range(1, 21)]
+    events += [dict(event="eval", step=s, epoch=0, bleu4=s / 100, eval_loss=3.5 / s, samples=8 * s) for s in (10, 20)]
+    events += [dict(event="memory", step=s, rss_mb=900.0 + s, available_ram_mb=8000.0, gpu_allocated_mb=5000.0,
+                    gpu_reserved_mb=6000.0, gpu_peak_mb=7000.0) for s in (10, 20)]
+    write_metrics(tmp_path, events)
+    result = run_cli_raw(["plot", f"--output_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    for name in ("loss.png", "bleu4.png", "lr.png", "memory.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+        assert str(tmp_path / name) in result.stdout
+
+
+def test_plot_skips_charts_without_data_and_half_written_lines(tmp_path, capsys):
+    write_metrics(tmp_path, [dict(event="train", step=s, loss=None if s == 1 else 2.0, lr=1e-4) for s in (1, 2, 3)])
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as out:
+        out.write('{"event": "eval", "st')  # a run killed while writing
+    written = run_plot(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == ["loss.png", "lr.png"]
+    out = capsys.readouterr().out
+    assert "skipped (no data yet): bleu4.png, memory.png" in out and "1 unreadable line" in out
+
+
+def test_plot_without_metrics_exits_2_naming_output_dir(tmp_path):
+    result = run_cli_raw(["plot", f"--output_dir={tmp_path}"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --output_dir=") and "metrics.jsonl" in result.stderr
+    with pytest.raises(UserError, match="--output_dir"):
+        run_plot(str(tmp_path / "nowhere"))
+
+
+# file -> (distributed type, processes over all machines, machines)
+EXPECTED_CONFIGS = {
+    "ddp_3gpu.yaml": ("MULTI_GPU", 3, 1),
+    "multi_node_ddp.yaml": ("MULTI_GPU", 6, 2),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 3, 1),
+}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*"))), ids=os.path.basename)
+def test_every_accelerate_config_loads_with_accelerates_own_loader(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    assert os.path.basename(path) in EXPECTED_CONFIGS, "a new config needs its expectations here"
+    distributed_type, processes, machines = EXPECTED_CONFIGS[os.path.basename(path)]
+    config = ClusterConfig.from_yaml_file(path)
+    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (
+        distributed_type, processes, machines)
+    assert config.mixed_precision == "bf16"
+    launch_options = vars(launch_command_parser().parse_args(["train_low_mem.py"]))
+    unknown = set(config.deepspeed_config) - set(launch_options)
+    assert not unknown, f"accelerate launch would ignore {unknown}"
+
+
+def test_deepspeed_accumulates_as_many_micro_batches_as_the_large_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    deepspeed = ClusterConfig.from_yaml_file(os.path.join(REPO, "configs", "deepspeed_zero2.yaml")).deepspeed_config
+    assert deepspeed["zero_stage"] == 2
+    assert deepspeed["gradient_accumulation_steps"] == TrainConfigPretrainLarge().gradient_accumulation_steps
+    assert deepspeed["offload_optimizer_device"] == deepspeed["offload_param_device"] == "none"

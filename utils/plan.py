@@ -43,11 +43,12 @@ def flag_float(name: str, value, minimum: float) -> float:
 def parse_flags(use_large_config, flags, num_processes, num_samples, step_time):
     """Every bad flag, the plan's own and the configs', in one UserErrors, before anything heavy is imported."""
     problems, values = [], {}
-    for name, raw, convert in (("num_processes", num_processes, lambda n, v: flag_int(n, v, 1)),
-                               ("num_samples", num_samples, lambda n, v: flag_int(n, v, 0)),
-                               ("step_time", step_time, lambda n, v: flag_float(n, v, 0.0))):
+    checks = {"num_processes": lambda: flag_int("num_processes", num_processes, 1),
+              "num_samples": lambda: flag_int("num_samples", num_samples, 0),
+              "step_time": lambda: flag_float("step_time", step_time, 0.0)}
+    for name, check in checks.items():
         try:
-            values[name] = convert(name, raw)
+            values[name] = check()
         except UserError as error:
             problems.append(str(error))
     try:
@@ -79,7 +80,7 @@ def stored_row_bytes(train_file: str) -> float | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from utils.preflight import expand_paths
+    from model.dataset import expand_paths
 
     total_bytes = total_rows = 0
     try:
@@ -120,26 +121,25 @@ def vocabulary(cfg) -> tuple[int, str]:
     return cfg.vocab_size, f"--vocab_size (no tokenizer in {cfg.tokenizer_dir} yet)"
 
 
-def activation_estimators(model_cfg, vocab: int, mixed_precision: str, parameters: int, probe: bool, notes: list):
-    """The estimator for the table (the probe, unless off or failing) and the analytic one for what-ifs."""
+def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool, notes: list):
+    """Activation bytes of the configured micro-batch, how they were found, and the analytic model for what-ifs."""
     from utils.memory_estimate import AnalyticActivations, ProbedActivations
 
-    analytic = AnalyticActivations(model_cfg, vocab, mixed_precision, parameters)
-    if not probe:
-        return analytic, analytic
-    try:
-        return ProbedActivations(model_cfg, vocab, mixed_precision), analytic
-    except Exception as error:  # the probe relies on torch internals; a changed one must not cost the whole plan
-        notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
-        return analytic, analytic
+    analytic = AnalyticActivations(model_cfg, vocab, cfg.mixed_precision, parameters)
+    if probe:
+        try:
+            probed = ProbedActivations(model_cfg, vocab, cfg.mixed_precision)
+            return probed.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "probe", analytic
+        except Exception as error:  # the probe relies on torch internals; a changed one must not cost the plan
+            notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
+    return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "analytic", analytic
 
 
 def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, probe: bool, notes: list) -> dict:
     from utils.memory_estimate import gpu_memory
 
-    estimator, analytic = activation_estimators(model_cfg, vocab, cfg.mixed_precision, parameters, probe, notes)
+    activations, method, analytic = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes)
     rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
-    activations = estimator.bytes(rows, seq)
     parts = gpu_memory(parameters, activations, num_processes)
     total = sum(parts.values())
 
@@ -163,8 +163,8 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, pr
                                f"{total_with(rows, shorter) / GIB:.1f} GiB")
     elif GPU_BUDGET_BYTES - total < TIGHT_SHARE * GPU_BUDGET_BYTES:
         suggestions.append("under 10% of the card is left for the allocator's fragmentation; should CUDA run out "
-                           "of memory, the trainer retries with half the micro-batch (same global batch)")
-    return dict(parts=parts, total=total, method=estimator.method, suggestions=suggestions)
+                           "of memory, the trainer retries with a smaller micro-batch (same global batch)")
+    return dict(parts=parts, total=total, method=method, suggestions=suggestions)
 
 
 def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
@@ -173,9 +173,9 @@ def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
     from utils.runtime import LOW_RAM_BYTES
 
     window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * 2 * cfg.max_seq_len * TOKEN_ID_BYTES)
-    workers = cfg.num_workers
+    workers, ram = cfg.num_workers, psutil.virtual_memory().total
     if workers == "auto":  # as the trainer decides on a GPU machine (utils.runtime.decide), from this one's RAM
-        workers = 0 if psutil.virtual_memory().total < LOW_RAM_BYTES else 2
+        workers = 0 if ram < LOW_RAM_BYTES else 2
     parts = {
         "libraries": psutil.Process().memory_info().rss,
         "cuda_runtime": CUDA_HOST_BYTES,
@@ -183,7 +183,8 @@ def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
         "data_window": round(window),
         "workers": round(workers * (WORKER_BYTES + window)),
     }
-    return dict(parts=parts, total=sum(parts.values()), workers=workers)
+    how = f" (auto: {ram / GIB:.0f} GiB of RAM here, 0 below 15)" if cfg.num_workers == "auto" else ""
+    return dict(parts=parts, total=sum(parts.values()), workers=workers, workers_note=f"{workers} workers{how}")
 
 
 def disk_plan(cfg, parameters: int) -> dict:
@@ -208,7 +209,8 @@ def json_report(plan: dict) -> dict:
     steps, gpu, host, disk = plan["steps"], plan["gpu"], plan["host"], plan["disk"]
     return {
         **steps, "rows_source": plan["rows_source"], "parameters": plan["parameters"], "vocab_size": plan["vocab"],
-        "activation_method": gpu["method"], "gpu_memory_gb_per_process": gib(gpu["total"]),
+        "activation_method": gpu["method"], "activation_bytes": gpu["parts"]["activations"],
+        "gpu_memory_gb_per_process": gib(gpu["total"]),
         "gpu_memory_breakdown_gb": {k: gib(v) for k, v in gpu["parts"].items()},
         "fits_20gb": gpu["total"] <= GPU_BUDGET_BYTES,
         "host_ram_gb_per_process": gib(host["total"]),
@@ -239,7 +241,8 @@ def human_report(plan: dict) -> str:
     section("Schedule", [
         ("rows", f"{steps['rows']:,}", plan["rows_source"]),
         ("global batch", f"{steps['global_batch_size']:,}",
-         f"{cfg.batch_size_per_gpu} per GPU x {processes} processes x {accumulation} accumulation steps"),
+         f"{cfg.batch_size_per_gpu} per GPU x {processes} process{'es' * (processes > 1)} x {accumulation} "
+         "accumulation steps"),
         ("steps per epoch", f"{steps['steps_per_epoch']:,}", "ceil(rows / global batch)"),
         ("total steps", f"{steps['total_steps']:,}", f"{cfg.epochs} epochs"
          + (f", stopped by --max_steps (schedule: {steps['schedule_steps']:,})" if cfg.max_steps else "")),
@@ -249,7 +252,8 @@ def human_report(plan: dict) -> str:
          + ("" if steps["evaluations"] else "; no evaluation (--eval_max_samples=0)")),
         ("training log lines", f"{steps['logging_lines']:,}", f"every {cfg.logging_steps:,} steps"),
     ])
-    section("Model", [("parameters", f"{plan['parameters']:,}", f"vocab {plan['vocab']:,} from {plan['vocab_source']}")])
+    section("Model", [("parameters", f"{plan['parameters']:,}",
+                       f"vocab {plan['vocab']:,} from {plan['vocab_source']}")])
     section("GPU memory per process (GiB)", [
         ("weights", f"{gib(gpu['parts']['weights']):.2f}", "fp32, 4 bytes per parameter"),
         ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"),
@@ -268,9 +272,9 @@ def human_report(plan: dict) -> str:
         ("model copy", f"{gib(host['parts']['model_copy']):.2f}", "built in RAM before it moves to the GPU"),
         ("data window", f"{gib(host['parts']['data_window']):.2f}",
          f"2 windows of {cfg.dataloader_buffer_size:,} rows: text and token ids"),
-        ("DataLoader workers", f"{gib(host['parts']['workers']):.2f}", f"{host['workers']} workers"),
+        ("DataLoader workers", f"{gib(host['parts']['workers']):.2f}", host["workers_note"]),
         ("total", f"{gib(host['total']):.2f}", f"{gib(host['total'] * processes):.2f} GiB for {processes} "
-         "processes on one machine"),
+         f"process{'es' * (processes > 1)} on one machine"),
     ])
     section("Disk in output_dir (GiB)", [
         ("best models", f"{gib(disk['parts']['best_models']):.2f}",
@@ -305,11 +309,13 @@ def run_plan(use_large_config, flags, num_processes, num_samples, step_time, as_
     cfg, model_cfg, values = parse_flags(use_large_config, flags, num_processes, num_samples, step_time)
     from model.t5 import estimate_parameters
 
-
     rows, rows_source = training_rows(cfg, values["num_samples"])
     row_bytes = stored_row_bytes(cfg.train_file)
     notes = [] if row_bytes else [f"no readable --train_file: assuming {ASSUMED_ROW_BYTES} bytes per row"]
     steps = schedule(cfg, rows, values["num_processes"])
+    if cfg.warmup_steps >= steps["schedule_steps"]:
+        notes.append(f"--warmup_steps={cfg.warmup_steps} is not below the schedule's {steps['schedule_steps']} "
+                     "steps: the learning rate never reaches --learn_rate")
     vocab, vocab_source = vocabulary(cfg)
     parameters = estimate_parameters(model_cfg, vocab)
     host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
@@ -324,7 +330,4 @@ def run_plan(use_large_config, flags, num_processes, num_samples, step_time, as_
         example_hours_per_epoch=[hours(steps["steps_per_epoch"], s) for s in GUIDE_STEP_SECONDS],
         example_hours_total=[hours(steps["total_steps"], s) for s in GUIDE_STEP_SECONDS],
     )
-    if steps["warmup_steps"] >= steps["schedule_steps"]:
-        notes.append(f"--warmup_steps={cfg.warmup_steps} is not below the schedule's {steps['schedule_steps']} "
-                     "steps: the learning rate never reaches --learn_rate")
     print(json.dumps(json_report(plan), indent=2) if as_json else human_report(plan))

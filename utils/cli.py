@@ -4,7 +4,7 @@ import sys
 
 from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
 from utils.errors import RunAborted, UserError, UserErrors
-from utils.flags import FlagProblem, build, check_bounds, help_text, to_bool, to_int
+from utils.flags import FlagProblem, build, check_bounds, help_text, to_bool, to_float, to_int
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ABORTED = 1
@@ -41,15 +41,24 @@ def flag_bool(name: str, value) -> bool:
         raise UserError(f"--{name}={value!r} {problem}") from None
 
 
-def flag_int(name: str, value, minimum: int) -> int:
+def checked_flag(name: str, value, converter, minimum):
+    """One command-specific flag, converted and bounded like the config fields (a UserError names it)."""
     try:
-        number = to_int(value)
+        number = converter(value)
     except FlagProblem as problem:
         raise UserError(f"--{name}={value!r} {problem}") from None
     problem = check_bounds(name, number, {"min": minimum})
     if problem:
         raise UserError(problem)
     return number
+
+
+def flag_int(name: str, value, minimum: int) -> int:
+    return checked_flag(name, value, to_int, minimum)
+
+
+def flag_float(name: str, value, minimum: float) -> float:
+    return checked_flag(name, value, to_float, minimum)
 
 
 def train_configs(use_large_config, flags: dict, extra: dict | None = None):

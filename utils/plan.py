@@ -9,9 +9,8 @@ import math
 import shutil
 
 from config import with_resolved_paths
-from utils.cli import flag_int, train_configs
+from utils.cli import flag_float, flag_int, train_configs
 from utils.errors import UserError, UserErrors
-from utils.flags import FlagProblem, check_bounds, to_float
 
 GIB = 1024**3
 GPU_BUDGET_BYTES = 20 * GIB  # the user's cards (the guide: 3 x 20 GB)
@@ -27,17 +26,6 @@ ASSUMED_ROW_BYTES = 1024  # stored bytes per row when no training file can be re
 TOKEN_ID_BYTES = 4  # the dataset keeps a window's token ids as int32
 # State: fp32 weights and AdamW's two moments; model directories: fp32 safetensors.
 STATE_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 12, 4
-
-
-def flag_float(name: str, value, minimum: float) -> float:
-    try:
-        number = to_float(value)
-    except FlagProblem as problem:
-        raise UserError(f"--{name}={value!r} {problem}") from None
-    problem = check_bounds(name, number, {"min": minimum})
-    if problem:
-        raise UserError(problem)
-    return number
 
 
 def parse_flags(use_large_config, flags, num_processes, num_samples, step_time):

@@ -23,7 +23,7 @@ TASKS = {
 # Small enough to finish in minutes on 2 CPU cores, large enough to learn the task well (BLEU-4 > 0.8).
 DEMO_SETTINGS = dict(
     vocab_size=400, max_seq_len=24, batch_size_per_gpu=32, gradient_accumulation_steps=1, learn_rate=1e-3,
-    warmup_steps=100, epochs=12, save_steps=500, logging_steps=100, eval_max_samples=200, eval_batch_size=100,
+    warmup_steps=100, epochs=16, save_steps=500, logging_steps=100, eval_max_samples=200, eval_batch_size=100,
     keep_latest_n_ckp=3, dataloader_buffer_size=4096, mixed_precision="no", memory_log_steps=300,
     d_model=128, d_ff=256, num_heads=4, d_kv=32, num_layers=2, num_decoder_layers=2, dropout_rate=0.0,
 )

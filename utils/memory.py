@@ -25,6 +25,14 @@ def memory_report() -> dict:
     return report
 
 
+def freeze_startup_objects() -> None:
+    """Exempt every object alive now from later collections: a full gc.collect scans every tracked object, and
+    start-up leaves ~400k of them (mostly the modules transformers and torch import), which made each periodic
+    cleanup cost ~170 ms for nothing. They live as long as the run; what training allocates is still collected."""
+    gc.collect()  # garbage of the start-up itself is freed, not frozen
+    gc.freeze()
+
+
 def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

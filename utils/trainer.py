@@ -6,7 +6,7 @@ import time
 from config import with_resolved_paths
 from utils.checkpoint import FINAL_DIR, save_hf_model
 from utils.errors import RunAborted
-from utils.memory import release_memory
+from utils.memory import freeze_startup_objects, release_memory
 from utils.preflight import check_before_training
 from utils.run_log import Progress
 from utils.run_setup import prepare_run
@@ -30,6 +30,7 @@ def run_training(cfg, model_cfg) -> None:
 def train_loop(run) -> None:
     state, cfg = run.state, run.cfg
     reporter = Reporter(run)
+    freeze_startup_objects()
     pending_milestone = False
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for bundle in run.feed.epoch_steps(state):

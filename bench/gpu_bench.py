@@ -1,0 +1,262 @@
+"""The large model's training step on one GPU: throughput, MFU and peak memory, with and without memory cleanup.
+
+    python bench/gpu_bench.py [--batches 8,16,32,48] [--steps 20] [--cleanup_steps 100] [--cleanup_every 50]
+
+What runs: `T5ModelConfig()` defaults (d_model 768, 10 + 10 layers) with a 32,000-token vocabulary (a stand-in
+for the tokenizer gives `build_model` its size and special ids, so no tokenizer is trained), the trainer's own
+step (`utils.step.StepRunner`: token-summed loss, clipping at 1.0, the trainer's AdamW and schedule) under the
+Accelerator that `utils.runtime.start` builds for the large config (bf16 autocast with fp32 weights where the GPU
+has native bf16). Each step is one micro-batch of `batch` rows of random token ids at full length, 192 prompt +
+192 response tokens (no padding: the worst case), pre-built in pinned memory; data loading is not measured here.
+
+Per batch size: warm-up steps, then timed steps -> samples/s, tokens/s (prompt + response), MFU, and the peak
+allocated and reserved GPU memory since the batch size's first step (the cache is emptied in between, in
+increasing batch order). MFU is given two ways: 6 x parameters x tokens/s as usually quoted (every parameter
+for every token), and 6 x (encoder parameters x prompt tokens + decoder and output-projection parameters x
+response tokens)/s, the matmul work an encoder-decoder really does, which is about half; both over the device's
+dense bf16 peak from a small table (n/a for other devices). A batch fits a 20 GB card when its peak reserved
+memory is at most 20 GiB; the largest batch that would fit is extrapolated linearly from the two largest
+measured batches.
+
+Memory cleanup at the trainer's cadence: release_memory() (gc.collect + torch.cuda.empty_cache) every
+--cleanup_every steps (the trainer's memory_cleanup_steps, 50) against none, in alternating blocks of
+--cleanup_steps steps at batch 32, best block kept; also with the start-up objects not frozen (the trainer
+before it froze them), and release_memory() timed alone both ways.
+
+Without CUDA it runs a smoke version (tiny model, fp32, a few steps) that only shows the script works: those
+figures are not GPU figures, and it says so.
+"""
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from accelerate.utils import set_seed  # noqa: E402
+
+from config import T5ModelConfig, TrainConfigPretrainLarge  # noqa: E402
+from model.t5 import build_model, count_parameters  # noqa: E402
+from utils.memory import freeze_startup_objects, release_memory  # noqa: E402
+from utils.optim import build_optimizer, build_scheduler  # noqa: E402
+from utils.runtime import start  # noqa: E402
+from utils.step import StepRunner  # noqa: E402
+
+GIB = 1024**3
+FIT_BYTES = 20 * GIB
+# Dense bf16 tensor-core peak in TFLOPS (with fp32 accumulation), by device name; the first match wins.
+PEAK_BF16_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5),
+                    ("H100", 989.4), ("A100", 312.0), ("RTX 4090", 165.2), ("RTX 3080", 59.5)]
+SMOKE_MODEL = dict(d_model=64, d_ff=256, num_heads=4, d_kv=16, num_layers=2, num_decoder_layers=2)
+
+
+class StandInTokenizer:
+    """What `build_model` reads from a tokenizer: its size and the pad and EOS ids."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="8,16,32,48", help="comma-separated batch sizes, increasing")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per batch size")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
+    parser.add_argument("--cleanup_batch", type=int, default=32)
+    parser.add_argument("--cleanup_every", type=int, default=50, help="steps between release_memory() calls")
+    parser.add_argument("--cleanup_steps", type=int, default=100, help="steps per block of the cleanup comparison")
+    parser.add_argument("--cleanup_rounds", type=int, default=2, help="alternating blocks per variant")
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--prompt_len", type=int, default=192)
+    parser.add_argument("--response_len", type=int, default=192)
+    return parser.parse_args()
+
+
+def smoke_settings(args) -> None:
+    """Tiny and quick: on a CPU only the mechanics are checked."""
+    args.batches, args.warmup, args.steps = "2,4", 1, 3
+    args.cleanup_batch, args.cleanup_every, args.cleanup_steps, args.cleanup_rounds = 4, 2, 4, 1
+    args.vocab_size, args.prompt_len, args.response_len = 1000, 32, 32
+
+
+def peak_tflops(name: str):
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def stack_parameters(model) -> tuple[int, int, int]:
+    """Encoder body, decoder body, and the shared embedding (the output projection, tied)."""
+    embedding = model.shared.weight.numel()
+    body = lambda stack: sum(p.numel() for n, p in stack.named_parameters() if "embed_tokens" not in n)
+    return body(model.encoder), body(model.decoder), embedding
+
+
+def make_bundle(args, batch: int, pin: bool) -> dict:
+    """One optimizer step of full-length random rows, as the DataFeed yields them."""
+    generator = torch.Generator().manual_seed(batch)
+    tensors = {"input_ids": torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=generator),
+               "attention_mask": torch.ones(batch, args.prompt_len, dtype=torch.long),
+               "labels": torch.randint(3, args.vocab_size, (batch, args.response_len), generator=generator)}
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    return {"micro_batches": [tensors], "step_tokens": batch * args.response_len}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_steps(stepper, bundle, steps: int, cleanup_every: int = 0) -> float | None:
+    """Seconds per step, or None when a step ran out of memory.
+
+    Cleanups fall mid-cadence (steps 25, 75, ... for every 50), so that the step after each one, which grows the
+    emptied CUDA cache back, is timed in the same block.
+    """
+    synchronize()
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        if stepper.run(bundle, False).out_of_memory:
+            return None
+        if cleanup_every and step % cleanup_every == cleanup_every // 2:
+            release_memory()
+    synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def measure_batch(args, stepper, batch: int, cuda: bool) -> dict:
+    release_memory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    bundle = make_bundle(args, batch, cuda)
+    warm = run_steps(stepper, bundle, args.warmup)
+    seconds = run_steps(stepper, bundle, args.steps) if warm is not None else None
+    result = {"batch": batch, "seconds": seconds}
+    if cuda:
+        result.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+    return result
+
+
+def largest_fitting_batch(results: list) -> int | None:
+    """Linear in the batch size through the two largest measured batches that did not run out of memory."""
+    measured = [r for r in results if r["seconds"] is not None]
+    if len(measured) < 2:
+        return None
+    (b1, m1), (b2, m2) = [(r["batch"], r["reserved"]) for r in measured[-2:]]
+    per_row = (m2 - m1) / (b2 - b1)
+    return math.floor(b2 + (FIT_BYTES - m2) / per_row) if per_row > 0 else None
+
+
+def time_release(calls: int = 5) -> float:
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        release_memory()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def cleanup_comparison(args, stepper, cuda: bool) -> None:
+    bundle = make_bundle(args, args.cleanup_batch, cuda)
+    run_steps(stepper, bundle, args.warmup)
+    variants = {"no cleanup": dict(every=0, frozen=True),
+                f"release_memory every {args.cleanup_every} steps": dict(every=args.cleanup_every, frozen=True),
+                "  same, start-up objects not frozen": dict(every=args.cleanup_every, frozen=False)}
+    best = {name: math.inf for name in variants}
+    for _ in range(args.cleanup_rounds):
+        for name, variant in variants.items():
+            if not variant["frozen"]:
+                gc.unfreeze()
+            seconds = run_steps(stepper, bundle, args.cleanup_steps, variant["every"])
+            if not variant["frozen"]:
+                freeze_startup_objects()
+            best[name] = min(best[name], seconds if seconds is not None else math.inf)
+    frozen_release = time_release()
+    gc.unfreeze()
+    unfrozen_release = time_release()
+    freeze_startup_objects()
+    base = best["no cleanup"]
+    print(f"\ncleanup at batch {args.cleanup_batch}: blocks of {args.cleanup_steps} steps, best of "
+          f"{args.cleanup_rounds} alternating rounds")
+    for name, seconds in best.items():
+        print(f"    {name:<38} {1000 * seconds:8.2f} ms/step   cost {100 * (seconds / base - 1):+6.2f} %")
+    print(f"    release_memory() alone, median of 5: {1000 * frozen_release:.2f} ms with the start-up objects "
+          f"frozen (as train_loop runs it), {1000 * unfrozen_release:.2f} ms without")
+
+
+def main() -> None:
+    args = parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        smoke_settings(args)
+        print("SMOKE TEST ON CPU (no CUDA device): tiny model, fp32, a few steps. These are NOT GPU figures; "
+              "run this script on the GPU machine for the real ones.\n")
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as scratch:
+        cfg = TrainConfigPretrainLarge(output_dir=scratch, mixed_precision="bf16")
+        accelerator, runtime = start(cfg, 1)
+        model_cfg = T5ModelConfig() if cuda else T5ModelConfig(**SMOKE_MODEL)
+        set_seed(cfg.seed)
+        model = build_model(model_cfg, StandInTokenizer(args.vocab_size))
+        encoder, decoder, embedding = stack_parameters(model)
+        parameters = count_parameters(model)
+        optimizer = build_optimizer(model, cfg.learn_rate, cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, 10**6)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        stepper = StepRunner(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        freeze_startup_objects()  # as train_loop does before its first step
+
+        name = torch.cuda.get_device_name() if cuda else "CPU"
+        peak = peak_tflops(name) if cuda else None
+        memory = f" ({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)" if cuda else ""
+        print(f"device {name}{memory}, torch {torch.__version__}, precision "
+              f"{runtime.mixed_precision}, dense bf16 peak {f'{peak:.1f} TFLOPS' if peak else 'n/a (not in table)'}")
+        print(f"model {parameters / 1e6:.1f}M parameters (d_model {model_cfg.d_model}, {model_cfg.num_layers} + "
+              f"{model_cfg.num_decoder_layers} layers, vocabulary {args.vocab_size}); "
+              f"rows of {args.prompt_len} + {args.response_len} tokens; {args.warmup} warm-up + {args.steps} timed "
+              f"steps per batch")
+
+        tokens_per_row = args.prompt_len + args.response_len
+        flops_quoted = 6 * parameters * tokens_per_row  # per row
+        flops_stacks = 6 * (encoder * args.prompt_len + (decoder + embedding) * args.response_len)
+        results = [measure_batch(args, stepper, int(b), cuda) for b in args.batches.split(",")]
+        print(f"\n{'batch':>5} {'samples/s':>10} {'tokens/s':>10} {'MFU 6NT':>8} {'MFU stacks':>10} "
+              f"{'peak alloc GiB':>15} {'peak reserved GiB':>18} {'fits 20 GiB':>12}")
+        for r in results:
+            if r["seconds"] is None:
+                print(f"{r['batch']:>5} {'out of memory':>30}")
+                continue
+            samples = r["batch"] / r["seconds"]
+            mfu = lambda flops: f"{100 * flops * samples / (peak * 1e12):.1f}%" if peak else "n/a"
+            memory = f"{'n/a':>15} {'n/a':>18} {'n/a':>12}"
+            if cuda:
+                memory = (f"{r['allocated'] / GIB:15.2f} {r['reserved'] / GIB:18.2f} "
+                          f"{'yes' if r['reserved'] <= FIT_BYTES else 'no':>12}")
+            print(f"{r['batch']:>5} {samples:10.1f} {samples * tokens_per_row:10.0f} {mfu(flops_quoted):>8} "
+                  f"{mfu(flops_stacks):>10} {memory}")
+        if cuda:
+            at_32 = next((r for r in results if r["batch"] == 32), None)
+            if at_32 is not None:
+                fits = at_32["seconds"] is not None and at_32["reserved"] <= FIT_BYTES
+                print(f"batch 32 fits in 20 GiB: {'yes' if fits else 'no'}")
+            fitting = [r["batch"] for r in results if r["seconds"] is not None and r["reserved"] <= FIT_BYTES]
+            print(f"largest measured batch within 20 GiB: {max(fitting) if fitting else 'none'}; extrapolated "
+                  f"largest: {largest_fitting_batch(results) or 'n/a'}")
+        cleanup_comparison(args, stepper, cuda)
+        accelerator.end_training()
+    if not cuda:
+        print("\n(smoke test on CPU: NOT GPU figures)")
+
+
+if __name__ == "__main__":
+    main()

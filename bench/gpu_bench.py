@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accelerate.utils import set_seed  # noqa: E402
 
 from config import T5ModelConfig, TrainConfigPretrainLarge  # noqa: E402
-from model.t5 import build_model, count_parameters  # noqa: E402
+from model.t5 import StandInTokenizer, build_model, count_parameters  # noqa: E402
 from utils.memory import freeze_startup_objects, release_memory  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler  # noqa: E402
 from utils.runtime import start  # noqa: E402
@@ -56,17 +56,6 @@ PEAK_BF16_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), 
                     ("H100", 989.4), ("A100", 312.0), ("RTX 4090", 165.2), ("RTX 3080", 59.5)]
 SMOKE_MODEL = dict(d_model=64, d_ff=256, num_heads=4, d_kv=16, num_layers=2, num_decoder_layers=2)
 
-
-class StandInTokenizer:
-    """What `build_model` reads from a tokenizer: its size and the pad and EOS ids."""
-
-    pad_token_id, eos_token_id = 0, 1
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def parse_args():

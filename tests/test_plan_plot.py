@@ -8,6 +8,7 @@ import torch
 from conftest import write_parquet
 
 from config import T5ModelConfig, TrainConfigPretrainLarge
+from model.t5 import StandInTokenizer
 from tests.cli_helpers import REPO, TINY_MODEL, run_cli_raw
 from utils import memory_estimate
 from utils.errors import UserError
@@ -94,7 +95,7 @@ def test_the_probe_on_fake_tensors_equals_a_real_cpu_step_byte_for_byte():
     tiny = T5ModelConfig(**TINY_MODEL)
     for precision in ("no", "bf16"):
         torch.manual_seed(0)
-        real_model = memory_estimate.build_model(tiny, memory_estimate._SizedVocabulary(300))
+        real_model = memory_estimate.build_model(tiny, StandInTokenizer(300))
         real = step_peak_bytes(real_model, rows=3, seq_len=20, mixed_precision=precision)
         assert ProbedActivations(tiny, 300, precision).bytes(3, 20) == real > 0
 

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model.t5 import build_model
+from model.t5 import StandInTokenizer, build_model
 from utils.evaluation import token_loss_sum
 
 GIB = 1024**3
@@ -67,17 +67,6 @@ class AnalyticActivations:
                      + coefficients["outside_d_model"] * cfg.d_model + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab)
         return coefficients["weight_copy"] * self.parameters + per_token * rows * seq_len
 
-
-class _SizedVocabulary:
-    """What `model.t5.t5_config` reads from a tokenizer: its size and special ids (their values cost nothing)."""
-
-    pad_token_id, eos_token_id = 0, 1
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class PeakBytes(TorchDispatchMode):
@@ -151,7 +140,7 @@ class ProbedActivations:
         self.mixed_precision = mixed_precision
         self.fake_mode = FakeTensorMode()
         with self.fake_mode:
-            self.model = build_model(model_cfg, _SizedVocabulary(vocab))
+            self.model = build_model(model_cfg, StandInTokenizer(vocab))
 
     def bytes(self, rows: int, seq_len: int) -> int:
         return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode)

@@ -40,7 +40,3 @@ class TrainingState:
             if hasattr(self, name):
                 setattr(self, name, value)
 
-    @property
-    def data_position(self) -> dict:
-        """What `LowMemParquetDataset.load_state_dict` needs to continue at the next batch."""
-        return {"epoch": self.epoch, "sample": self.epoch_sample, "micro": 0, "layout_size": self.layout_size}

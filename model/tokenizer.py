@@ -52,6 +52,10 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     missing = [column for column in TEXT_COLUMNS if column not in parquet.schema_arrow.names]
     if missing:
         raise UserError(f"train file {path}: missing column(s) {', '.join(missing)}; needs prompt and response")
+    for column in TEXT_COLUMNS:
+        kind = parquet.schema_arrow.field(column).type
+        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+            raise UserError(f"train file {path}: column '{column}' must hold strings, found {kind}")
     return parquet
 
 

@@ -229,3 +229,13 @@ def test_loading_a_tokenizer_without_our_specials_is_a_user_error(tiny_tokenizer
     foreign.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="tokenizer_dir .*special tokens"):
         load_tokenizer(tmp_path)
+
+
+def test_a_non_string_column_is_a_user_error_naming_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "response": [1, 2]}), path)
+    with pytest.raises(UserError, match="numbers.parquet.*'response' must hold strings"):
+        train_tokenizer(path, tmp_path / "tokenizer")

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tests.cli_helpers import (ENTRY, REPO, as_flags, assert_same_weights, child_env, final_weights, make_task_data,
                                read_metrics, run_cli, tiny_run_flags)
+from utils.checkpoint import BEST_DIR, STATE_DIR, TMP_PREFIX
 from utils.step import SIMULATE_OOM_ENV
-
 
 
 def assert_user_error(result, *fragments):
@@ -78,6 +78,16 @@ def test_every_problem_is_reported_at_once_one_line_each(tmp_path, task):
                       "--tokenizer_dir", "--output_dir")
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
+
+
+def test_under_torchrun_each_problem_is_printed_once_not_once_per_rank(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, dict(data, train_file=str(tmp_path / "missing.parquet")))
+    result = run_cli("train", flags, nproc=2, check=False)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: --train_file: {tmp_path / 'missing.parquet'}: file not found"]
+    assert not os.path.exists(flags["output_dir"])
 
 
 def test_contradictory_settings_and_a_full_disk_are_caught_before_training(tmp_path, task):
@@ -148,6 +158,40 @@ def test_kill_9_at_random_instants_then_resume_ends_bitwise_identical(tmp_path, 
     assert steps == list(range(1, 33))
 
 
+def kill_while_writing(process: subprocess.Popen, directory: str, timeout: float = 120) -> bool:
+    """SIGKILL `process` as soon as a save's temporary directory shows up in `directory`.
+
+    Returns whether the half-written directory was still there after the kill, i.e. the kill hit the save itself.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(directory) and any(n.startswith(TMP_PREFIX) for n in os.listdir(directory)):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.0005)
+    process.wait()
+    process.stdout.close()
+    return os.path.isdir(directory) and any(n.startswith(TMP_PREFIX) for n in os.listdir(directory))
+
+
+@pytest.mark.parametrize("target", [STATE_DIR, BEST_DIR])
+def test_kill_9_in_the_middle_of_a_save_then_resume_ends_bitwise_identical(tmp_path, task, uninterrupted, target):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
+    caught_mid_save = [kill_while_writing(start_training(dict(flags, is_keep_training=attempt > 0)),
+                                          os.path.join(flags["output_dir"], target))
+                       for attempt in range(3)]
+    assert any(caught_mid_save), "no kill landed inside a save; the test did not test anything"
+    run_cli("train", dict(flags, is_keep_training=True))
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+    with open(os.path.join(flags["output_dir"], "checkpoints.json"), encoding="utf-8") as listing:
+        best = json.load(listing)["best"]
+    with open(os.path.join(uninterrupted["output_dir"], "checkpoints.json"), encoding="utf-8") as listing:
+        assert best == json.load(listing)["best"]
+    assert sorted(os.listdir(os.path.join(flags["output_dir"], BEST_DIR))) == sorted(
+        os.path.basename(entry["path"]) for entry in best)
+
+
 def test_sigterm_to_one_rank_stops_both_in_step_with_a_state_to_resume(tmp_path, task):
     data, tokenizer_dir = task
     common = dict(CRASH_RUN, batch_size_per_gpu=4, gradient_accumulation_steps=1, save_steps=100,
@@ -198,6 +242,24 @@ def test_a_diverging_run_stops_with_the_guards_message_and_keeps_a_loadable_stat
     assert all(tensor.isfinite().all() for tensor in weights.values())
     last_good = max(r["step"] for r in read_metrics(flags["output_dir"], "train") if r["loss"] is not None)
     assert state.startswith(f"step-{last_good:08d}")
+
+
+def test_two_ranks_agree_to_skip_non_finite_steps_and_stop_together(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, learn_rate=1e9, warmup_steps=0, max_grad_norm=0.0,
+                           max_bad_steps=3, save_steps=1, eval_max_samples=0, keep_latest_n_ckp=0)
+    result = run_cli("train", flags, nproc=2, check=False, timeout=180)
+    assert result.returncode != 0
+    assert "exitcode  : 1" in result.stderr and "exitcode  : -15" not in result.stderr  # both ranks ended by themselves
+    assert "[rank 1]" not in result.stderr  # the other rank does not repeat the agreed warnings
+    # Said once (by rank 0); torchrun then prints its own report of the failed ranks, but neither rank a traceback.
+    assert result.stderr.count("error: training diverged: 3 consecutive steps") == 1
+    assert 'File "' + REPO not in result.stderr
+    records = read_metrics(flags["output_dir"], "train")
+    skipped = [r["step"] for r in records if r["loss"] is None]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    (state,) = os.listdir(os.path.join(flags["output_dir"], "state"))
+    assert state.startswith(f"step-{skipped[0] - 1:08d}")
 
 
 def test_simulated_oom_halves_the_micro_batch_and_matches_a_run_started_that_way(tmp_path, task):

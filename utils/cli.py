@@ -1,5 +1,6 @@
 """What every command shares: user errors become one `error:` line and exit code 2, flags become configs."""
 import functools
+import os
 import sys
 
 from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
@@ -23,15 +24,21 @@ def command(function):
         try:
             return function(*args, **kwargs)
         except UserError as error:
-            problems = error.problems if isinstance(error, UserErrors) else [str(error)]
-            for problem in problems:
-                print(f"error: {problem}", file=sys.stderr, flush=True)
+            report(error.problems if isinstance(error, UserErrors) else [str(error)])
             sys.exit(EXIT_USER_ERROR)
         except RunAborted as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            report([str(error)])
             sys.exit(EXIT_RUN_ABORTED)
 
     return run
+
+
+def report(problems: list[str]) -> None:
+    """Print `error:` lines once per machine: every rank of a node finds the same problems (the pre-flight reads
+    the node's files; aborts are agreed), and N copies would bury them. Each node speaks, as disks may differ."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
 
 
 def flag_bool(name: str, value) -> bool:

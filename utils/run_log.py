@@ -1,6 +1,8 @@
 """What a run tells its user: the console, the human log file, metrics.jsonl, trackers and the progress bar.
 
-Only the main process writes files and the console; other ranks log warnings and errors to stderr.
+Only the main process writes files and the console. Every decision is agreed on by all ranks, so other ranks would
+only repeat the main process's lines; they print to stderr just what they alone know (a signal they received) and
+errors.
 """
 import json
 import logging
@@ -11,6 +13,12 @@ import time
 from tqdm import tqdm
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# `log.warning(..., extra=THIS_RANK_ONLY)`: something only this rank knows, so every rank prints it.
+THIS_RANK_ONLY = {"this_rank_only": True}
+
+
+def only_this_ranks_news(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or getattr(record, "this_rank_only", False)
 
 
 def log_file_path(log_dir: str) -> str:
@@ -28,14 +36,16 @@ def quiet_libraries() -> None:
 
 
 def setup_logging(log_dir: str, is_main: bool, rank: int) -> logging.Logger:
-    """The `trainer` logger: console and the day's log file on the main process, warnings only elsewhere."""
+    """The `trainer` logger: console and the day's log file on the main process; elsewhere only news of that rank."""
     quiet_libraries()
     logger = logging.getLogger("trainer")
     logger.handlers.clear()
     logger.propagate = False
     console = logging.StreamHandler(sys.stdout if is_main else sys.stderr)
     console.setFormatter(logging.Formatter(LOG_FORMAT if is_main else f"[rank {rank}] %(levelname)s %(message)s"))
-    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    console.setLevel(logging.INFO)
+    if not is_main:
+        console.addFilter(only_this_ranks_news)
     logger.addHandler(console)
     if is_main:
         os.makedirs(log_dir, exist_ok=True)

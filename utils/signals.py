@@ -7,6 +7,8 @@ A second Ctrl-C interrupts at once.
 import logging
 import signal
 
+from utils.run_log import THIS_RANK_ONLY
+
 log = logging.getLogger("trainer")
 
 
@@ -22,7 +24,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.requested = True
         log.warning("%s received: saving a resumable state after this step, then exiting",
-                    signal.Signals(signum).name)
+                    signal.Signals(signum).name, extra=THIS_RANK_ONLY)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -20,11 +20,27 @@ def run_training(cfg, model_cfg) -> None:
     run = prepare_run(cfg, model_cfg)
     for warning in warnings:
         log.warning(warning)
+    agreed_ending = False
     try:
         train_loop(run)
+        agreed_ending = True
+    except RunAborted:
+        agreed_ending = True
+        raise
     finally:
         run.signals.restore()
-        run.accelerator.end_training()
+        close_run(run.accelerator, agreed_ending)
+
+
+def close_run(accelerator, agreed_ending: bool) -> None:
+    """Finish the trackers, then leave together. A launcher (torchrun, accelerate launch) kills the other ranks as
+    soon as one exits with an error, so after an agreed abort every rank waits until all have finished writing.
+    After an unexpected error on one rank the others may be stuck in a collective: no waiting then."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if agreed_ending:
+        accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()
 
 
 def train_loop(run) -> None:
@@ -42,9 +58,9 @@ def train_loop(run) -> None:
             state.epoch_sample = bundle["end_sample"]
             state.skipped_rows += bundle["skipped"]
             state.global_step += 1
-            guard_against_divergence(state, outcome, cfg.max_bad_steps)
             reporter.after_step(outcome)
             run.memory.after_step(state.global_step)
+            guard_against_divergence(state, outcome, cfg.max_bad_steps)
             # A save that falls on a non-finite step waits for the next good one: the kept state stays good.
             pending_milestone = pending_milestone or run.checkpointer.due(state.global_step)
             if pending_milestone and outcome.finite:

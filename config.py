@@ -1,6 +1,7 @@
-"""Every setting of a run, one dataclass per concern. Each field is a command-line flag of the same name.
+"""Every setting of a run, and every flag of the other commands, one dataclass per concern. Each field is a
+command-line flag of the same name.
 
-The string under each field is its help text (`train_low_mem.py train --help` prints it). Bounds live in the
+The string under each field is its help text (`train_low_mem.py COMMAND --help` prints it). Bounds live in the
 field's metadata so that `utils.flags` can check them and name the flag in the error. Relative paths are relative
 to the repository root, so the defaults work from any working directory.
 """
@@ -13,6 +14,8 @@ PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 # `auto` decides from the machine's RAM (under 15 GB: low-memory settings), once, on the main process.
 AutoBool = Union[bool, Literal["auto"]]
 AutoInt = Union[int, Literal["auto"]]
+# Stands for the demo's --output_dir in the demo's fixed paths (see TrainConfigDemo).
+OUTPUT_DIR = "<output_dir>"
 
 
 def resolve_path(path: str) -> str:
@@ -30,6 +33,11 @@ def with_resolved_paths(cfg):
 def bounded(default, min=None, max=None):
     """A field whose value must lie in [min, max]; `utils.flags` reports the flag when it does not."""
     return field(default=default, metadata={"min": min, "max": max})
+
+
+def required():
+    """A field without a default: `utils.flags` reports the flag when the command line lacks it."""
+    return field(default=None, metadata={"required": True})
 
 
 @dataclass
@@ -75,7 +83,7 @@ class TrainConfig:
     """Shuffle window in rows; also bounds how many rows are held in memory."""
     ultra_low_mem: AutoBool = "auto"
     """Re-open the parquet file for every read and cache nothing (auto: on under 15 GB of RAM)."""
-    num_workers: AutoInt = "auto"
+    num_workers: AutoInt = bounded("auto", min=0)
     """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM or without a GPU, else 2)."""
     pin_memory: AutoBool = "auto"
     """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
@@ -97,7 +105,7 @@ class TrainConfig:
     """Clip the gradient norm to this (0 = no clipping); the pre-clip norm is logged."""
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     """bf16, fp16 or no; bf16 falls back to fp32 (with a log line) where the device lacks it."""
-    seed: int = bounded(23333, min=0)
+    seed: int = bounded(23333, min=0, max=2**32 - 1)  # NumPy's seeds (through Accelerate's set_seed) stop there
     """Seed of the data order, initial weights and dropout."""
     max_bad_steps: int = bounded(20, min=1)
     """Stop after this many consecutive optimizer steps with a non-finite loss or gradient."""
@@ -145,3 +153,134 @@ class TrainConfigPretrainLarge(TrainConfig):
     logging_steps: int = bounded(100, min=1)
     eval_max_samples: int = bounded(2000, min=0)
     """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""
+
+
+@dataclass
+class TrainConfigDemo(TrainConfig):
+    """`demo`'s run: small enough to finish in minutes on 2 CPU cores, large enough to learn the task well (BLEU-4
+    > 0.8). Help texts come from TrainConfig."""
+
+    train_file: str = f"{OUTPUT_DIR}/data/train.parquet"
+    """Not settable: the demo writes its generated rows inside its own --output_dir, never over your files."""
+    validation_file: str = f"{OUTPUT_DIR}/data/valid.parquet"
+    """Not settable, like --train_file."""
+    tokenizer_dir: str = f"{OUTPUT_DIR}/tokenizer"
+    """Not settable, like --train_file: the demo trains its own tokenizer there."""
+    vocab_size: int = bounded(400, min=300)
+    max_seq_len: int = bounded(24, min=8)
+    dataloader_buffer_size: int = bounded(4096, min=1)
+    epochs: int = bounded(16, min=1)
+    batch_size_per_gpu: int = bounded(32, min=1)
+    gradient_accumulation_steps: int = bounded(1, min=1)
+    learn_rate: float = bounded(1e-3, min=0.0)
+    warmup_steps: int = bounded(100, min=0)
+    mixed_precision: Literal["bf16", "fp16", "no"] = "no"
+    output_dir: str = "model_save/demo"
+    """The demo's own directory (data, tokenizer, run), started over at every demo. Any other non-empty
+    directory is refused: the demo only deletes a directory that holds its marker file, .demo_output."""
+    save_steps: int = bounded(500, min=1)
+    keep_latest_n_ckp: int = bounded(3, min=0)
+    eval_max_samples: int = bounded(200, min=0)
+    eval_batch_size: int = bounded(100, min=1)
+    logging_steps: int = bounded(100, min=1)
+    memory_log_steps: int = bounded(300, min=0)
+
+
+@dataclass
+class T5ModelConfigDemo(T5ModelConfig):
+    """`demo`'s model: a tiny T5, enough for the task."""
+
+    d_model: int = bounded(128, min=8)
+    d_ff: int = bounded(256, min=8)
+    num_heads: int = bounded(4, min=1)
+    d_kv: int = bounded(32, min=4)
+    num_layers: int = bounded(2, min=1)
+    num_decoder_layers: int = bounded(2, min=1)
+    dropout_rate: float = bounded(0.0, min=0.0, max=0.9)
+
+
+# --- the flags of the commands besides the train and model settings ---
+
+
+@dataclass
+class ConfigChoice:
+    """Which train config the other flags change."""
+
+    use_large_config: bool = False
+    """Start from TrainConfigPretrainLarge (the user's guide: 10M rows on 3 GPUs) instead of TrainConfig."""
+
+
+@dataclass
+class PlanFlags:
+    """`plan`'s own flags."""
+
+    num_processes: int = bounded(1, min=1)
+    """Processes (GPUs) of the planned run, over all machines."""
+    num_samples: int = bounded(0, min=0)
+    """Training rows to plan for (0: count the rows of train_file in its parquet footers)."""
+    step_time: float = bounded(0.0, min=0.0)
+    """Seconds per optimizer step, as your GPUs log it, for the hours (0: the guide's 0.5-0.8 s as an example)."""
+    json: bool = False
+    """Print the plan as JSON."""
+    probe: bool = True
+    """Measure the activations on fake tensors (about 2.5 s); False: a formula fitted to the probe."""
+
+
+@dataclass
+class DemoFlags:
+    """`demo`'s own flags: how much of the task to generate."""
+
+    train_rows: int = bounded(6000, min=1)
+    """Generated training rows."""
+    valid_rows: int = bounded(200, min=1)
+    """Generated validation rows, on which BLEU-4 is measured."""
+
+
+@dataclass
+class TokenizerFlags:
+    """`train_tokenizer`'s flags."""
+
+    train_file: str = "data/my_train_dataset.parquet"
+    """Parquet file with prompt and response columns (or comma-separated paths)."""
+    tokenizer_dir: str = "model_save/tokenizer"
+    """Where the tokenizer is saved."""
+    vocab_size: int = bounded(32000, min=300)
+    """Vocabulary size, including the 4 special tokens and the 256 bytes."""
+    max_rows: int = bounded(40_000, min=0)
+    """Rows, spread evenly over the file, to train on (0 = all rows: several GB of RAM on 1M distinct rows)."""
+
+
+@dataclass
+class EvaluateFlags:
+    """`evaluate`'s flags."""
+
+    model_dir: str = required()
+    """A model saved by train: its final/ or a best/step-* directory."""
+    file: str = required()
+    """Parquet file with prompt and response columns."""
+    max_samples: int = bounded(1000, min=1)
+    """Rows to score: the first ones with a non-empty prompt and response."""
+    batch_size: int = bounded(32, min=1)
+    """Rows per generation batch."""
+    max_seq_len: int = bounded(192, min=8)
+    """Most tokens of a prompt and of a generated answer."""
+
+
+@dataclass
+class GenerateFlags:
+    """`generate`'s flags."""
+
+    model_dir: str = required()
+    """A model saved by train: its final/ or a best/step-* directory."""
+    prompt: str = required()
+    """The prompt (quote it when it holds spaces)."""
+    max_new_tokens: int = bounded(192, min=1)
+    """Most tokens of the answer (greedy decoding)."""
+
+
+@dataclass
+class PlotFlags:
+    """`plot`'s flags."""
+
+    output_dir: str = "model_save/pretrain_large"
+    """A run's output_dir: the charts are drawn from its metrics.jsonl and written next to it."""

@@ -7,7 +7,9 @@ import pytest
 
 import train_low_mem
 import utils.trainer
-from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
+from config import (ConfigChoice, DemoFlags, EvaluateFlags, GenerateFlags, PlanFlags, PlotFlags, T5ModelConfig,
+                    T5ModelConfigDemo, TokenizerFlags, TrainConfig, TrainConfigDemo, TrainConfigPretrainLarge)
+from conftest import tiny_corpus_rows, write_parquet
 from tests.cli_helpers import run_cli_raw
 from utils.flags import field_docs
 
@@ -18,6 +20,16 @@ CONTRACT_LARGE = dict(batch_size_per_gpu=32, gradient_accumulation_steps=2, max_
                       output_dir="model_save/pretrain_large")
 CONTRACT_GENERAL = dict(batch_size_per_gpu=16, gradient_accumulation_steps=8, max_seq_len=256)
 CONTRACT_MODEL = dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=10, num_decoder_layers=10)
+# The dataclasses whose fields are each command's flags.
+COMMAND_FLAGS = {
+    "train": [ConfigChoice, TrainConfig, T5ModelConfig],
+    "train_tokenizer": [TokenizerFlags],
+    "demo": [DemoFlags, TrainConfigDemo, T5ModelConfigDemo],
+    "evaluate": [EvaluateFlags],
+    "generate": [GenerateFlags],
+    "plan": [ConfigChoice, PlanFlags, TrainConfig, T5ModelConfig],
+    "plot": [PlotFlags],
+}
 CONTRACT_SHARED_FIELDS = ("tokenizer_dir", "max_grad_norm", "seed", "ultra_low_mem", "num_workers", "pin_memory",
                           "memory_cleanup_steps", "memory_log_steps", "eval_max_samples", "log_dir", "max_steps")
 
@@ -88,9 +100,17 @@ def test_both_configs_have_exactly_the_contract_defaults():
 
 
 def test_every_field_has_help_text():
-    for cls in (TrainConfig, TrainConfigPretrainLarge, T5ModelConfig):
+    for cls in {TrainConfigPretrainLarge, *(cls for classes in COMMAND_FLAGS.values() for cls in classes)}:
         docs = field_docs(cls)
         assert all(docs.get(f.name) for f in dataclasses.fields(cls)), cls.__name__
+
+
+@pytest.mark.parametrize("variant,base", [(TrainConfigPretrainLarge, TrainConfig), (TrainConfigDemo, TrainConfig),
+                                          (T5ModelConfigDemo, T5ModelConfig)])
+def test_configs_with_other_defaults_keep_the_bounds_and_types_of_their_base(variant, base):
+    bounds = {f.name: dict(f.metadata) for f in dataclasses.fields(base)}
+    assert {f.name: dict(f.metadata) for f in dataclasses.fields(variant)} == bounds
+    assert typing.get_type_hints(variant) == typing.get_type_hints(base)
 
 
 @pytest.mark.parametrize("flag,fragments", [
@@ -102,6 +122,9 @@ def test_every_field_has_help_text():
     ("--epochs=two", ["--epochs", "not an integer"]),
     ("--is_keep_training=maybe", ["--is_keep_training", "boolean"]),
     ("--learn_rate=1,2", ["--learn_rate", "not a number"]),
+    ("--learn_rate=nan", ["--learn_rate", "not a finite number"]),
+    ("--num_workers=-1", ["--num_workers", "minimum 0"]),
+    ("--seed=4294967296", ["--seed", "maximum 4294967295"]),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(flag, fragments):
     result = run_cli_raw(["train", flag])
@@ -125,3 +148,59 @@ def test_help_lists_every_field_with_its_comment():
         assert f"--{field.name}=" in result.stdout
     assert field_docs(TrainConfig)["save_steps"] in result.stdout
 
+
+
+@pytest.mark.parametrize("name", COMMAND_FLAGS)
+def test_every_commands_help_lists_each_of_its_flags_with_its_help(name):
+    result = run_cli_raw([name, "--help"])
+    assert result.returncode == 0
+    for cls in COMMAND_FLAGS[name]:
+        docs = field_docs(cls)
+        for field in dataclasses.fields(cls):
+            assert f"--{field.name}" in result.stdout and docs[field.name] in result.stdout, field.name
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["plan", "--num_process=3"], "--num_process (did you mean --num_processes?)"),
+    (["plan", "--num_sample=5"], "--num_sample (did you mean --num_samples?)"),
+    (["demo", "--train_row=5"], "--train_row (did you mean --train_rows?)"),
+    (["train", "--use_large_confg=True"], "--use_large_confg (did you mean --use_large_config?)"),
+    (["evaluate", "--model_dir=m", "--file=f", "--max_sample=5"], "--max_sample (did you mean --max_samples?)"),
+    (["generate", "--model_dir=m", "--prompt=p", "--max_new_token=5"],
+     "--max_new_token (did you mean --max_new_tokens?)"),
+    (["plot", "--outptu_dir=x"], "--outptu_dir (did you mean --output_dir?)"),
+])
+def test_a_mistyped_flag_is_matched_against_every_flag_of_its_command(argv, hint):
+    result = run_cli_raw(argv)
+    assert result.returncode == 2
+    assert result.stderr == f"error: unknown flag {hint}\n"
+
+
+def test_a_mistyped_flag_stops_train_tokenizer_before_it_trains(tmp_path):
+    corpus = write_parquet(tmp_path / "corpus.parquet", *tiny_corpus_rows(50))
+    result = run_cli_raw(["train_tokenizer", f"--train_file={corpus}", f"--tokenizer_dir={tmp_path / 'tokenizer'}",
+                          "--vocab=500"])
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown flag --vocab (did you mean --vocab_size?)\n"
+    assert not (tmp_path / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("argv,problems", [
+    (["evaluate"], ["--model_dir is required", "--file is required"]),
+    (["generate", "--model_dir=m"], ["--prompt is required"]),
+    (["generate", "--model_dir=m", "--prompt=how", "are"], ["unexpected argument 'are'"]),
+    (["trian"], ["unknown command 'trian' (did you mean train?)"]),
+    ([], ["no command; the commands are train, train_tokenizer, demo, evaluate, generate, plan, plot"]),
+])
+def test_missing_flags_stray_words_and_unknown_commands_are_one_line_each(argv, problems):
+    result = run_cli_raw(argv)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == len(problems) and not result.stdout
+    for line, problem in zip(lines, problems):
+        assert line.startswith(f"error: {problem}")
+
+
+def test_help_without_a_command_lists_every_command():
+    result = run_cli_raw(["--help"])
+    assert result.returncode == 0
+    assert all(f"  {name} " in result.stdout for name in COMMAND_FLAGS)

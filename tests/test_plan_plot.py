@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import write_parquet
 
-from config import T5ModelConfig, TrainConfigPretrainLarge
+from config import PlanFlags, T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
 from model.t5 import StandInTokenizer
 from tests.cli_helpers import REPO, TINY_MODEL, run_cli_raw
 from utils import memory_estimate
 from utils.errors import UserError
+from utils.flags import build
 from utils.memory_estimate import GIB, AnalyticActivations, ProbedActivations, step_peak_bytes
 from utils.plan import run_plan
 from utils.plot import run_plot
@@ -21,7 +22,9 @@ GUIDE_ARGV = ["plan", "--use_large_config=True", "--num_processes=3", "--num_sam
 
 def plan_json(capsys, flags: dict, num_processes=1, num_samples=0, step_time=0.0, probe=False) -> dict:
     """`plan --json` in this process (the libraries are loaded once for all these tests)."""
-    run_plan(False, flags, num_processes, num_samples, step_time, True, probe)
+    plan_flags = PlanFlags(num_processes=num_processes, num_samples=num_samples, step_time=step_time, json=True,
+                           probe=probe)
+    run_plan(plan_flags, *build([TrainConfig, T5ModelConfig], flags))
     return json.loads(capsys.readouterr().out)
 
 
@@ -47,7 +50,8 @@ def test_plan_json_for_the_guide_setting_counts_52084_steps_per_epoch_of_192_row
 
 
 def test_plan_prints_an_aligned_table_for_people(capsys, tmp_path):
-    run_plan(True, no_tokenizer(tmp_path), 3, 10_000_000, 0.6, False, False)
+    plan_flags = PlanFlags(num_processes=3, num_samples=10_000_000, step_time=0.6, probe=False)
+    run_plan(plan_flags, *build([TrainConfigPretrainLarge, T5ModelConfig], no_tokenizer(tmp_path)))
     table = capsys.readouterr().out
     assert "steps per epoch" in table and "52,084" in table
     assert "GPU memory per process (GiB)" in table and "hours per epoch" in table

@@ -158,20 +158,24 @@ def test_kill_9_at_random_instants_then_resume_ends_bitwise_identical(tmp_path, 
     assert steps == list(range(1, 33))
 
 
-def kill_while_writing(process: subprocess.Popen, directory: str, timeout: float = 120) -> bool:
-    """SIGKILL `process` as soon as a save's temporary directory shows up in `directory`.
+def kill_while_writing(process: subprocess.Popen, directory: str, prefix: str = TMP_PREFIX,
+                       timeout: float = 120) -> bool:
+    """SIGKILL `process` as soon as a save's temporary directory (named `prefix`...) shows up in `directory`.
 
     Returns whether the half-written directory was still there after the kill, i.e. the kill hit the save itself.
     """
+    def writing() -> bool:
+        return os.path.isdir(directory) and any(n.startswith(prefix) for n in os.listdir(directory))
+
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        if os.path.isdir(directory) and any(n.startswith(TMP_PREFIX) for n in os.listdir(directory)):
+        if writing():
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.0005)
     process.wait()
     process.stdout.close()
-    return os.path.isdir(directory) and any(n.startswith(TMP_PREFIX) for n in os.listdir(directory))
+    return writing()
 
 
 @pytest.mark.parametrize("target", [STATE_DIR, BEST_DIR])
@@ -190,6 +194,27 @@ def test_kill_9_in_the_middle_of_a_save_then_resume_ends_bitwise_identical(tmp_p
         assert best == json.load(listing)["best"]
     assert sorted(os.listdir(os.path.join(flags["output_dir"], BEST_DIR))) == sorted(
         os.path.basename(entry["path"]) for entry in best)
+
+
+def test_a_kill_after_a_new_best_model_but_before_its_state_is_saved_loses_no_best_model(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(epochs=2, save_steps=4, eval_max_samples=16, eval_batch_size=16, keep_latest_n_ckp=1,
+                  learn_rate=3e-3)
+    reference = tiny_run_flags(tmp_path / "reference", tokenizer_dir, data, **common)
+    run_cli("train", reference)
+    scores = [(r["step"], r["bleu4"]) for r in read_metrics(reference["output_dir"], "eval")]
+    # A step whose model displaces the single best one (an earlier model with a lower score exists).
+    displacing = next(step for step, score in scores if any(s < score for t, s in scores if t < step))
+    flags = tiny_run_flags(tmp_path / "killed", tokenizer_dir, data, **common)
+    assert kill_while_writing(start_training(flags), os.path.join(flags["output_dir"], STATE_DIR),
+                              prefix=f"{TMP_PREFIX}step-{displacing:08d}")
+    # Resume only up to the step before the new best model: the old one must still be there and listed.
+    run_cli("train", dict(flags, is_keep_training=True, max_steps=displacing - 1))
+    with open(os.path.join(flags["output_dir"], "checkpoints.json"), encoding="utf-8") as listing:
+        best = json.load(listing)["best"]
+    assert len(best) == 1 and best[0]["step"] < displacing
+    assert os.listdir(os.path.join(flags["output_dir"], BEST_DIR)) == [os.path.basename(best[0]["path"])]
+    assert os.path.isfile(os.path.join(flags["output_dir"], best[0]["path"], "model.safetensors"))
 
 
 def test_sigterm_to_one_rank_stops_both_in_step_with_a_state_to_resume(tmp_path, task):
@@ -304,6 +329,7 @@ def test_checkpoints_json_holds_the_true_top_5_after_8_planted_scores(tmp_path, 
     for step, score in enumerate([0.1, 0.5, 0.3, 0.5, 0.05, 0.7, 0.3, 0.6], start=1):
         state.global_step = step
         best.consider(model, state, score)
+        best.sync_disk(state.best)  # what the trainer does once the state that lists them is saved
     with open(tmp_path / "checkpoints.json", encoding="utf-8") as listing:
         kept = json.load(listing)["best"]
     # Equal scores keep the earlier model: step 7's 0.3 never displaces step 3's.

@@ -41,6 +41,40 @@ def test_stopping_and_resuming_twice_ends_bitwise_identical_to_an_uninterrupted_
         assert json.load(a) == json.load(b)
 
 
+def evaluations(output_dir: str) -> list[tuple]:
+    return [(r["step"], r["bleu4"], r["eval_loss"]) for r in read_metrics(output_dir, "eval")]
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_without_repeating_or_missing_its_evaluation(tmp_path, task):
+    data, tokenizer_dir = task
+    # Saves every 16 steps: one falls on the epoch's last step (32), the run is stopped right there, then resumed.
+    reference = tiny_run_flags(tmp_path / "reference", tokenizer_dir, data, **dict(RUN, save_steps=16))
+    run_cli("train", reference)
+    flags = tiny_run_flags(tmp_path / "resumed", tokenizer_dir, data, **dict(RUN, save_steps=16))
+    run_cli("train", dict(flags, max_steps=32))
+    run_cli("train", dict(flags, is_keep_training=True))
+    assert [e[0] for e in evaluations(reference["output_dir"])] == [16, 32, 48, 64]
+    assert evaluations(flags["output_dir"]) == evaluations(reference["output_dir"])
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(reference["output_dir"]))
+
+
+def test_resuming_with_another_global_batch_keeps_the_schedule_ending_at_a_tenth(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=8, gradient_accumulation_steps=1,
+                           epochs=2, max_steps=10, warmup_steps=4, eval_max_samples=0, keep_latest_n_ckp=0,
+                           save_steps=100)
+    run_cli("train", flags)
+    # Half the global batch (as on half the GPUs): 256 - 80 rows left of epoch 0 in steps of 4, then 64 steps.
+    resumed = run_cli("train", dict(flags, is_keep_training=True, batch_size_per_gpu=4, max_steps=0))
+    total = 10 + (256 - 80) // 4 + 256 // 4
+    assert f"{total} steps in 2 epochs" in resumed.stdout
+    records = read_metrics(flags["output_dir"], "train")
+    assert [r["step"] for r in records] == list(range(1, total + 1))
+    rates = [r["lr"] for r in records]
+    assert all(later <= earlier for earlier, later in zip(rates[4:], rates[5:]))  # cosine decay never rises
+    assert rates[-1] == pytest.approx(0.1 * 1e-3, rel=1e-9)
+
+
 def test_a_two_process_run_continues_on_one_process_at_the_same_global_sample(tmp_path, task):
     data, tokenizer_dir = task
     common = dict(batch_size_per_gpu=4, dropout_rate=0.0, epochs=1, save_steps=100, eval_max_samples=0,
@@ -73,9 +107,12 @@ def test_a_state_left_half_written_is_ignored_for_the_previous_complete_one(tmp_
         os.remove(os.path.join(state_root, broken, "COMPLETE"))
         with open(os.path.join(state_root, broken, "model.safetensors"), "r+b") as weights:
             weights.truncate(100)
+    with open(os.path.join(flags["output_dir"], "metrics.jsonl"), "a", encoding="utf-8") as metrics:
+        metrics.write('{"event": "train", "step": 2')  # a line the crash cut short
     result = run_cli("train", dict(flags, is_keep_training=True))
     assert f"resumed from {os.path.join(state_root, complete)}" in result.stdout
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+    assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == list(range(1, TOTAL_STEPS + 1))
 
 
 def test_resuming_with_another_model_shape_is_a_clear_error(tmp_path, task):

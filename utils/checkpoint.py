@@ -7,7 +7,10 @@ Layout under `output_dir`:
     checkpoints.json       {"best": [...]}, best first
     final/                 the model at the end of every invocation
 
-Every directory is written under a temporary name, fsynced, then renamed: a reader never sees half of one.
+Every directory is written under a temporary name, fsynced, then renamed: a reader never sees half of one. A
+best model that falls out of the top k is deleted only once a state that no longer lists it is saved, so the
+newest state's list always names models that exist. `output_dir` must be one directory every rank sees (a shared
+filesystem across machines): each rank writes its own random states into the state directory.
 """
 import json
 import logging
@@ -63,6 +66,14 @@ def publish(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def main_process_sees(accelerator, path: str) -> bool:
+    """Whether the main process sees `path`: the same answer on every rank, so they all take the same branch."""
+    answer = [os.path.exists(path) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    return answer[0]
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -106,9 +117,6 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.save_steps == 0
 
-    def saved_at(self, step: int) -> bool:
-        return self.last_saved is not None and self.last_saved.startswith(step_name(step))
-
     def save(self, state) -> None:
         """Write `state` and the model, optimizer, scheduler and RNGs (all ranks); keep only the newest."""
         name = state_name(state)
@@ -116,7 +124,7 @@ class Checkpointer:
         final = os.path.join(root, name)
         tmp = os.path.join(root, TMP_PREFIX + name)
         # The same position was saved already (e.g. a resume of a finished run): never swap out a good state.
-        if self.last_saved == name or self._main_sees(os.path.join(final, COMPLETE_MARKER)):
+        if self.last_saved == name or main_process_sees(self.accelerator, os.path.join(final, COMPLETE_MARKER)):
             self.last_saved = name
             return
         if self.accelerator.is_main_process:
@@ -138,13 +146,6 @@ class Checkpointer:
         self.last_saved = name
         log.info("saved resumable state at step %d: %s", state.global_step, final)
 
-    def _main_sees(self, path: str) -> bool:
-        """Whether the main process sees `path`, the same answer on every rank (nodes may not share disks)."""
-        answer = [os.path.exists(path) if self.accelerator.is_main_process else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(answer, from_process=0)
-        return answer[0]
-
     def _remove_all_but(self, keep: str) -> None:
         root = os.path.dirname(keep)
         for name in os.listdir(root):
@@ -153,12 +154,18 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def latest(self) -> str | None:
-        states = complete_states(self.output_dir)
-        return states[-1] if states else None
+        """The newest complete state as the main process sees it (a rank with a stale directory listing must not
+        resume from another one)."""
+        states = complete_states(self.output_dir) if self.accelerator.is_main_process else []
+        answer = [states[-1] if states else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        return answer[0]
 
     def load(self, path: str) -> None:
         """Restore model, optimizer, scheduler, every rank's RNG states and the TrainingState."""
         self.accelerator.load_state(path)
+        self.last_saved = os.path.basename(path)
 
 
 class BestModels:
@@ -178,7 +185,8 @@ class BestModels:
         return sorted(entries, key=lambda e: (-e["bleu4"], e["step"]))
 
     def consider(self, model, state, bleu4: float) -> bool:
-        """Save the model if it enters the top k; delete whatever falls out. Call on every rank."""
+        """Save the model if it enters the top k and update `state.best`. Call on every rank; what falls out stays
+        on disk until `sync_disk` after the state is saved."""
         candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", "bleu4": bleu4,
                      "epoch": state.epoch, "step": state.global_step}
         others = [e for e in state.best if e["step"] != state.global_step]
@@ -187,11 +195,20 @@ class BestModels:
         if entered:
             save_hf_model(self.accelerator, model, self.tokenizer, os.path.join(self.output_dir, candidate["path"]))
         state.best = best
-        self.sync_disk(best)
         return entered
 
+    def restore(self, state) -> None:
+        """After a resume: forget listed models whose directory is gone, then make the disk match the list."""
+        missing = [e for e in state.best
+                   if not main_process_sees(self.accelerator, os.path.join(self.output_dir, e["path"], "config.json"))]
+        for entry in missing:
+            log.warning("best model %s (bleu4 %.4f) is listed in the saved state but missing on disk: forgotten",
+                        entry["path"], entry["bleu4"])
+        state.best = [e for e in state.best if e not in missing]
+        self.sync_disk(state.best)
+
     def sync_disk(self, best: list) -> None:
-        """Make checkpoints.json and best/ match `best` exactly (also after a resume drops newer models)."""
+        """Make checkpoints.json and best/ match `best` exactly (models newer than a resumed state go too)."""
         if self.accelerator.is_main_process:
             write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"best": best})
             root = os.path.join(self.output_dir, BEST_DIR)

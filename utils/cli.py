@@ -1,28 +1,41 @@
-"""What every command shares: user errors become one `error:` line and exit code 2, flags become configs."""
+"""What every command shares: its flags become checked dataclasses, user errors become one `error:` line and exit
+code 2, and a mistyped command name is caught before Fire prints its usage text."""
 import functools
+import inspect
 import os
 import sys
 
-from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
+import fire
+
+from config import ConfigChoice, TrainConfig, TrainConfigPretrainLarge
 from utils.errors import RunAborted, UserError, UserErrors
-from utils.flags import FlagProblem, build, check_bounds, help_text, to_bool, to_float, to_int
+from utils.flags import FlagProblem, build, closest, help_text, to_bool
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ABORTED = 1
+# What Fire is shown of every command, so that it hands over every argument: with the real signature it reports
+# unknown flags and missing arguments itself, in several lines of usage text, and only after the command ran.
+TAKES_EVERYTHING = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                                      inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD)])
 
 
 def command(function):
-    """Run a CLI command; a UserError prints `error: ...` (one line per problem) and exits 2, a RunAborted
-    prints its reason and exits 1; neither shows a traceback."""
+    """A CLI command whose parameters are typed by the dataclasses whose fields are its flags, e.g.
+    `def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig)`.
+
+    Every flag is checked against them before the command runs: each problem is one `error:` line, exit code 2.
+    A RunAborted while it runs prints its reason and exits 1. Neither shows a traceback.
+    """
+    classes = [parameter.annotation for parameter in inspect.signature(function).parameters.values()]
 
     @functools.wraps(function)
-    def run(*args, **kwargs):
-        # Commands that take **flags would otherwise receive `--help` as an unknown flag.
-        if kwargs.pop("help", False):
-            print(run.__doc__)
-            return None
+    def run(*args, **flags):
+        # Fire passes `--help` (and `-h`) on as flags, since the command takes any flag.
+        if flags.pop("help", False) or flags.pop("h", False):
+            print(command_help(function, classes))
+            return
         try:
-            return function(*args, **kwargs)
+            function(*parse(classes, args, flags))
         except UserError as error:
             report(error.problems if isinstance(error, UserErrors) else [str(error)])
             sys.exit(EXIT_USER_ERROR)
@@ -30,49 +43,43 @@ def command(function):
             report([str(error)])
             sys.exit(EXIT_RUN_ABORTED)
 
+    run.__signature__ = TAKES_EVERYTHING
     return run
 
 
-def report(problems: list[str]) -> None:
-    """Print `error:` lines once per machine: every rank of a node finds the same problems (the pre-flight reads
-    the node's files; aborts are agreed), and N copies would bury them. Each node speaks, as disks may differ."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr, flush=True)
+def parse(classes: list, args: tuple, flags: dict) -> list:
+    """One instance of each class from Fire's arguments, or UserErrors naming every problem.
 
-
-def flag_bool(name: str, value) -> bool:
+    A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge.
+    """
+    problems = [f"unexpected argument {value!r}: flags are written --name=value (quote a value with spaces)"
+                for value in args]
+    choice = [ConfigChoice] if TrainConfig in classes else []
+    if choice and uses_large_config(flags):
+        classes = [TrainConfigPretrainLarge if cls is TrainConfig else cls for cls in classes]
     try:
-        return to_bool(value)
-    except FlagProblem as problem:
-        raise UserError(f"--{name}={value!r} {problem}") from None
+        instances = build(choice + classes, flags)[len(choice):]
+    except UserErrors as errors:
+        problems += errors.problems
+    if problems:
+        raise UserErrors(problems)
+    return instances
 
 
-def checked_flag(name: str, value, converter, minimum):
-    """One command-specific flag, converted and bounded like the config fields (a UserError names it)."""
+def uses_large_config(flags: dict) -> bool:
     try:
-        number = converter(value)
-    except FlagProblem as problem:
-        raise UserError(f"--{name}={value!r} {problem}") from None
-    problem = check_bounds(name, number, {"min": minimum})
-    if problem:
-        raise UserError(problem)
-    return number
+        return to_bool(flags.get("use_large_config", False))
+    except FlagProblem:
+        return False  # `build` reports the bad value
 
 
-def flag_int(name: str, value, minimum: int) -> int:
-    return checked_flag(name, value, to_int, minimum)
-
-
-def flag_float(name: str, value, minimum: float) -> float:
-    return checked_flag(name, value, to_float, minimum)
-
-
-def train_configs(use_large_config, flags: dict, extra: dict | None = None):
-    """The train config (large or general) and the model config from the flags; plus any `extra` flags."""
-    config_class = TrainConfigPretrainLarge if flag_bool("use_large_config", use_large_config) else TrainConfig
-    (cfg, model_cfg), extras = build([config_class, T5ModelConfig], flags, extra)
-    return (cfg, model_cfg, extras) if extra is not None else (cfg, model_cfg)
+def command_help(function, classes: list) -> str:
+    parts = [inspect.cleandoc(function.__doc__)]
+    if TrainConfig in classes:
+        parts += [help_text([ConfigChoice] + classes), large_config_defaults()]
+    else:
+        parts.append(help_text(classes))
+    return "\n\n".join(parts)
 
 
 def large_config_defaults() -> str:
@@ -81,5 +88,26 @@ def large_config_defaults() -> str:
     return "With --use_large_config=True these defaults change: " + ", ".join(changed)
 
 
-def train_help() -> str:
-    return "\n\n".join([help_text([TrainConfig, T5ModelConfig]), large_config_defaults()])
+def main(commands: dict) -> None:
+    """Run the command named first on the command line through Fire. A missing or unknown name is one `error:`
+    line (Fire would print its usage text); `--help` lists the commands."""
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name in ("-h", "--help"):
+        print("commands (python train_low_mem.py COMMAND --help lists the flags of each):")
+        for command_name, function in commands.items():
+            print(f"  {command_name:<17}{inspect.cleandoc(function.__doc__).splitlines()[0]}")
+        return
+    if name not in commands:
+        guess = closest(name, commands) if name else None
+        what = (f"unknown command {name!r}" if name else "no command") + (f" (did you mean {guess}?)" if guess else "")
+        report([f"{what}; the commands are {', '.join(commands)} (see --help)"])
+        sys.exit(EXIT_USER_ERROR)
+    fire.Fire(commands)
+
+
+def report(problems: list[str]) -> None:
+    """Print `error:` lines once per machine: every rank of a node finds the same problems (the pre-flight reads
+    the node's files; aborts are agreed), and N copies would bury them. Each node speaks, as disks may differ."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr, flush=True)

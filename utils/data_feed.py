@@ -1,4 +1,6 @@
 """The training data for the trainer: one optimizer step's micro-batches at a time, from the saved position."""
+import math
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -22,6 +24,15 @@ class DataFeed:
 
     def global_batch_size(self, state) -> int:
         return state.batch_size_per_gpu * state.gradient_accumulation_steps * self.world_size
+
+    def total_steps(self, state, epochs: int) -> int:
+        """Steps of the whole run: those done plus those left at the global batch in force (after a resume on
+        another number of processes, the remaining rows are cut into steps of the new size)."""
+        per_epoch = math.ceil(self.num_rows / self.global_batch_size(state))
+        if state.epoch >= epochs:
+            return state.global_step
+        this_epoch = math.ceil((self.num_rows - state.epoch_sample) / self.global_batch_size(state))
+        return state.global_step + this_epoch + (epochs - state.epoch - 1) * per_epoch
 
     def epoch_steps(self, state):
         """The remaining steps of `state.epoch`, starting right after `state.epoch_sample` global samples.

@@ -8,11 +8,14 @@ import os
 import random
 import shutil
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config import resolve_path
+from config import OUTPUT_DIR, DemoFlags, T5ModelConfigDemo, TrainConfigDemo, resolve_path
+from utils.errors import UserErrors
+from utils.flags import changed_fields
 
 CHARACTERS = "春夏秋冬山水风花雪月日星云雨天地人心书画江河湖海红黄蓝白金木火土东南西北大小多少上下"
 TASKS = {
@@ -20,14 +23,10 @@ TASKS = {
     "倒序": lambda phrase: phrase[::-1],
     "叠字": lambda phrase: "".join(ch * 2 for ch in phrase),
 }
-# Small enough to finish in minutes on 2 CPU cores, large enough to learn the task well (BLEU-4 > 0.8).
-DEMO_SETTINGS = dict(
-    vocab_size=400, max_seq_len=24, batch_size_per_gpu=32, gradient_accumulation_steps=1, learn_rate=1e-3,
-    warmup_steps=100, epochs=16, save_steps=500, logging_steps=100, eval_max_samples=200, eval_batch_size=100,
-    keep_latest_n_ckp=3, dataloader_buffer_size=4096, mixed_precision="no", memory_log_steps=300,
-    d_model=128, d_ff=256, num_heads=4, d_kv=32, num_layers=2, num_decoder_layers=2, dropout_rate=0.0,
-)
-DEMO_ROWS = {"train": 6000, "valid": 200}
+# Written first into the demo's directory: the demo deletes a non-empty directory only when it holds this file.
+MARKER = ".demo_output"
+# Fixed inside the demo's directory (see TrainConfigDemo): generated data never lands on the user's files.
+OWN_PATHS = ("train_file", "validation_file", "tokenizer_dir")
 
 
 def demo_rows(count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -50,29 +49,45 @@ def write_demo_parquet(path: str, count: int, seed: int, row_group_size: int = 1
     return path
 
 
-def demo_flags(output_dir: str, overrides: dict) -> dict:
-    """The `train` flags of the demo: its data and tokenizer live inside `output_dir`, which starts empty."""
-    data_dir = os.path.join(output_dir, "data")
-    flags = dict(DEMO_SETTINGS, train_file=os.path.join(data_dir, "train.parquet"),
-                 validation_file=os.path.join(data_dir, "valid.parquet"),
-                 tokenizer_dir=os.path.join(output_dir, "tokenizer"), output_dir=output_dir)
-    flags.update(overrides)
-    return flags
+def refusals(cfg: TrainConfigDemo, output_dir: str) -> list[str]:
+    """Why the demo may not start over in `output_dir` with these settings: it never deletes or overwrites
+    anything it did not create."""
+    problems = [f"--{name}: the demo writes its generated data and tokenizer inside --output_dir; train on your "
+                "own files with `train`" for name in OWN_PATHS if name in changed_fields(cfg)]
+    if os.path.islink(output_dir) or (os.path.exists(output_dir) and not os.path.isdir(output_dir)):
+        problems.append(f"--output_dir={cfg.output_dir}: {output_dir} is a file or a link, not a directory")
+    elif os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(marker_path(output_dir)):
+        problems.append(f"--output_dir={cfg.output_dir}: {output_dir} is not empty and is not a previous demo's "
+                        f"output (no {MARKER} in it); the demo starts its directory over, so give a new or empty one")
+    return problems
 
 
-def run_demo(output_dir: str, overrides: dict) -> None:
+def marker_path(output_dir: str) -> str:
+    return os.path.join(output_dir, MARKER)
+
+
+def start_over(output_dir: str) -> None:
+    """An empty `output_dir` holding only the marker; a previous demo's output is deleted first."""
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(output_dir)
+    with open(marker_path(output_dir), "w", encoding="utf-8") as marker:
+        marker.write("Written by `python train_low_mem.py demo`: the next demo run deletes this directory.\n")
+
+
+def run_demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDemo) -> None:
     """Generate the data, train through `train`'s own path, then print BLEU-4 and example answers."""
-    from utils.cli import flag_int, train_configs
     from utils.trainer import run_training
 
-    output_dir = resolve_path(str(output_dir))
-    rows = {split: flag_int(f"{split}_rows", overrides.pop(f"{split}_rows", count), 1)
-            for split, count in DEMO_ROWS.items()}
-    flags = demo_flags(output_dir, overrides)
-    cfg, model_cfg = train_configs(False, flags)  # checks the overrides like `train` does
-    shutil.rmtree(output_dir, ignore_errors=True)  # the demo always starts over
-    write_demo_parquet(cfg.train_file, rows["train"], seed=1)
-    write_demo_parquet(cfg.validation_file, rows["valid"], seed=2)
+    output_dir = resolve_path(cfg.output_dir)
+    problems = refusals(cfg, output_dir)
+    if problems:
+        raise UserErrors(problems)
+    cfg = replace(cfg, output_dir=output_dir,
+                  **{name: getattr(cfg, name).replace(OUTPUT_DIR, output_dir) for name in OWN_PATHS})
+    start_over(output_dir)
+    write_demo_parquet(cfg.train_file, flags.train_rows, seed=1)
+    write_demo_parquet(cfg.validation_file, flags.valid_rows, seed=2)
     started = time.time()
     run_training(cfg, model_cfg)
     print_summary(cfg.output_dir, time.time() - started)

@@ -1,4 +1,4 @@
-"""Turn Fire's keyword arguments into checked config dataclasses.
+"""Turn Fire's keyword arguments into checked dataclasses: the configs of a run and the flags of a command.
 
 Fire's parsing is untrusted: it turns `false` into the string 'false', `1,2` into a tuple and `5.0` into a float.
 Every value is converted against its field's declared type here, every problem is collected, and the caller gets
@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 
 from utils.errors import UserErrors
@@ -48,13 +49,18 @@ def to_float(value) -> float:
     if isinstance(value, bool):
         raise FlagProblem("is not a number")
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
-            pass
-    raise FlagProblem("is not a number")
+            raise FlagProblem("is not a number") from None
+    else:
+        raise FlagProblem("is not a number")
+    # `nan` passes every bound (each comparison is False) and `inf` none usefully: neither is a setting.
+    if not math.isfinite(number):
+        raise FlagProblem("is not a finite number")
+    return number
 
 
 def to_str(value) -> str:
@@ -106,49 +112,48 @@ def check_bounds(name: str, value, metadata) -> str | None:
     return None
 
 
-def build(classes: list, flags: dict, extra: dict | None = None) -> tuple[list, dict]:
-    """Fill one instance of each dataclass in `classes` from `flags`; `extra` maps other accepted flags to types.
+def closest(name: str, choices) -> str | None:
+    """The choice a typo most likely meant, if any is close enough."""
+    guesses = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return guesses[0] if guesses else None
 
-    Returns the instances and the converted extra flags, or raises UserErrors naming every bad flag.
+
+def build(classes: list, flags: dict) -> list:
+    """Fill one instance of each dataclass in `classes` from `flags`: the command's flags are their fields.
+
+    Returns the instances, or raises UserErrors naming every bad flag: unknown (with the closest of all the
+    classes' fields), of the wrong type, out of bounds, or required and missing.
     """
-    extra = extra or {}
     owners = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
-    problems, values, extras = [], {cls: {} for cls in classes}, {}
+    problems, values = [], {cls: {} for cls in classes}
     for name, raw in flags.items():
         name = name.replace("-", "_")
-        if name not in owners and name not in extra:
-            known = list(owners) + list(extra)
-            guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f" (did you mean --{guess[0]}?)" if guess else " (see --help)"
-            problems.append(f"unknown flag --{name}{hint}")
+        if name not in owners:
+            guess = closest(name, owners)
+            problems.append(f"unknown flag --{name}" + (f" (did you mean --{guess}?)" if guess else " (see --help)"))
             continue
-        annotation = extra[name] if name in extra else field_types(owners[name])[name]
         try:
-            converted = convert(raw, annotation)
+            values[owners[name]][name] = convert(raw, field_types(owners[name])[name])
         except FlagProblem as problem:
             problems.append(f"--{name}={raw!r} {problem}")
-            continue
-        if name in extra:
-            extras[name] = converted
-        else:
-            values[owners[name]][name] = converted
     instances = []
     for cls in classes:
-        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
-        instance = cls(**values[cls])
-        for name, value in dataclasses.asdict(instance).items():
-            problem = check_bounds(name, value, meta[name])
-            if problem and name in values[cls]:
-                problems.append(problem)
-        instances.append(instance)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("required") and f.name not in values[cls]:
+                problems.append(f"--{f.name} is required (see --help)")
+            elif f.name in values[cls]:
+                problem = check_bounds(f.name, values[cls][f.name], f.metadata)
+                if problem:
+                    problems.append(problem)
+        instances.append(cls(**values[cls]))
     if problems:
         raise UserErrors(problems)
-    return instances, extras
+    return instances
 
 
-def changed_fields(instance) -> dict:
-    """The fields whose value differs from the class default: what the user changed."""
-    default = type(instance)()
+def changed_fields(instance, default=None) -> dict:
+    """The fields whose value differs from `default` (the class default): what the user changed."""
+    default = default or type(instance)()
     return {k: v for k, v in dataclasses.asdict(instance).items() if getattr(default, k) != v}
 
 
@@ -168,8 +173,9 @@ def help_text(classes: list) -> str:
     """A table of every flag, its default and its help, for `--help`."""
     lines = []
     for cls in classes:
-        lines.append(f"{cls.__name__}: {cls.__doc__}")
+        lines.append(f"{cls.__name__}: {' '.join(cls.__doc__.split())}")
         docs, default = field_docs(cls), cls()
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name}={getattr(default, f.name)!r}\n      {docs.get(f.name, '')}")
+            value = " (required)" if f.metadata.get("required") else f"={getattr(default, f.name)!r}"
+            lines.append(f"  --{f.name}{value}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)

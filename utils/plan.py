@@ -8,8 +8,7 @@ import json
 import math
 import shutil
 
-from config import with_resolved_paths
-from utils.cli import flag_float, flag_int, train_configs
+from config import PlanFlags, with_resolved_paths
 from utils.errors import UserError, UserErrors
 
 GIB = 1024**3
@@ -26,26 +25,6 @@ ASSUMED_ROW_BYTES = 1024  # stored bytes per row when no training file can be re
 TOKEN_ID_BYTES = 4  # the dataset keeps a window's token ids as int32
 # State: fp32 weights and AdamW's two moments; model directories: fp32 safetensors.
 STATE_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 12, 4
-
-
-def parse_flags(use_large_config, flags, num_processes, num_samples, step_time):
-    """Every bad flag, the plan's own and the configs', in one UserErrors, before anything heavy is imported."""
-    problems, values = [], {}
-    checks = {"num_processes": lambda: flag_int("num_processes", num_processes, 1),
-              "num_samples": lambda: flag_int("num_samples", num_samples, 0),
-              "step_time": lambda: flag_float("step_time", step_time, 0.0)}
-    for name, check in checks.items():
-        try:
-            values[name] = check()
-        except UserError as error:
-            problems.append(str(error))
-    try:
-        cfg, model_cfg = train_configs(use_large_config, flags)
-    except UserErrors as errors:
-        problems.extend(errors.problems)
-    if problems:
-        raise UserErrors(problems)
-    return with_resolved_paths(cfg), model_cfg, values
 
 
 def training_rows(cfg, num_samples: int) -> tuple[int, str]:
@@ -293,22 +272,22 @@ def human_report(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def run_plan(use_large_config, flags, num_processes, num_samples, step_time, as_json, probe) -> None:
-    cfg, model_cfg, values = parse_flags(use_large_config, flags, num_processes, num_samples, step_time)
+def run_plan(flags: PlanFlags, cfg, model_cfg) -> None:
     from model.t5 import estimate_parameters
 
-    rows, rows_source = training_rows(cfg, values["num_samples"])
+    cfg = with_resolved_paths(cfg)
+    rows, rows_source = training_rows(cfg, flags.num_samples)
     row_bytes = stored_row_bytes(cfg.train_file)
     notes = [] if row_bytes else [f"no readable --train_file: assuming {ASSUMED_ROW_BYTES} bytes per row"]
-    steps = schedule(cfg, rows, values["num_processes"])
+    steps = schedule(cfg, rows, flags.num_processes)
     if cfg.warmup_steps >= steps["schedule_steps"]:
         notes.append(f"--warmup_steps={cfg.warmup_steps} is not below the schedule's {steps['schedule_steps']} "
                      "steps: the learning rate never reaches --learn_rate")
     vocab, vocab_source = vocabulary(cfg)
     parameters = estimate_parameters(model_cfg, vocab)
     host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
-    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, values["num_processes"], probe, notes)
-    seconds = values["step_time"]
+    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, flags.num_processes, flags.probe, notes)
+    seconds = flags.step_time
     plan = dict(
         cfg=cfg, model_cfg=model_cfg, steps=steps, rows_source=rows_source, vocab=vocab, vocab_source=vocab_source,
         parameters=parameters, gpu=gpu, host=host, disk=disk_plan(cfg, parameters), notes=notes,
@@ -318,4 +297,4 @@ def run_plan(use_large_config, flags, num_processes, num_samples, step_time, as_
         example_hours_per_epoch=[hours(steps["steps_per_epoch"], s) for s in GUIDE_STEP_SECONDS],
         example_hours_total=[hours(steps["total_steps"], s) for s in GUIDE_STEP_SECONDS],
     )
-    print(json.dumps(json_report(plan), indent=2) if as_json else human_report(plan))
+    print(json.dumps(json_report(plan), indent=2) if flags.json else human_report(plan))

@@ -67,13 +67,24 @@ class MetricsLog:
             self._forget_after(resume_step)
 
     def _forget_after(self, step: int) -> None:
-        """Steps after the resumed state will be run again; their old lines would be duplicates."""
+        """Steps after the resumed state will be run again; their old lines would be duplicates. A line a crash
+        cut short goes too. The file is rewritten under another name and renamed: a crash here loses nothing."""
         if not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as lines:
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as out:
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        with open(self.path + ".tmp", "w", encoding="utf-8") as out:
             out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, event: str, **values) -> None:
         if self.is_main:

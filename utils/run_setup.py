@@ -8,10 +8,13 @@ import json
 import logging
 import math
 import os
+import secrets
 from dataclasses import dataclass
 
-from accelerate.utils import set_seed
+import torch
+from accelerate.utils import broadcast_object_list, set_seed
 
+from config import with_resolved_paths
 from model.t5 import build_model, count_parameters
 from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from utils.checkpoint import BestModels, Checkpointer, write_json_atomically
@@ -20,7 +23,7 @@ from utils.errors import UserError
 from utils.evaluation import Evaluator
 from utils.flags import changed_fields
 from utils.memory import MemoryHygiene
-from utils.optim import build_optimizer, build_scheduler, lr_factor
+from utils.optim import aim_schedule, build_optimizer, build_scheduler
 from utils.run_log import MetricsLog, log_file_path, setup_logging
 from utils.runtime import start, tracker_names
 from utils.signals import StopSignals
@@ -107,6 +110,27 @@ def resume(cfg, accelerator, checkpointer, state, description) -> None:
              state.epoch_sample)
 
 
+def check_output_dir_is_shared(accelerator, output_dir: str) -> None:
+    """Every rank must see the main process's `output_dir`: each writes its random states into the saved state
+    and a resume reads the state the main process chose. Machines with separate disks would resume apart."""
+    if accelerator.num_processes == 1:
+        return
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    probe = os.path.join(output_dir, f".shared-{token[0]}")
+    if accelerator.is_main_process:
+        open(probe, "w").close()
+    accelerator.wait_for_everyone()
+    blind = accelerator.reduce(torch.tensor([float(not os.path.exists(probe))], device=accelerator.device), "sum")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.remove(probe)
+    if blind.item() > 0:
+        raise UserError(f"--output_dir={output_dir}: {int(blind.item())} of {accelerator.num_processes} processes "
+                        "do not see the main process's files there; on several machines it must be on a "
+                        "filesystem they all mount (NFS or similar)")
+
+
 def prepare_run(cfg, model_cfg) -> Run:
     accelerator, runtime = start(cfg, cfg.gradient_accumulation_steps)
     setup_logging(cfg.log_dir, accelerator.is_main_process, accelerator.process_index)
@@ -115,7 +139,8 @@ def prepare_run(cfg, model_cfg) -> Run:
              accelerator.distributed_type.value, accelerator.device, runtime.mixed_precision)
     for note in runtime.notes:
         log.info(note)
-    changes = {**changed_fields(cfg), **changed_fields(model_cfg)}
+    # `cfg`'s paths are absolute by now; compared with relative defaults they would all look changed.
+    changes = {**changed_fields(cfg, with_resolved_paths(type(cfg)())), **changed_fields(model_cfg)}
     log.info("configuration (%s); changed from defaults: %s", type(cfg).__name__, json.dumps(changes, ensure_ascii=False))
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -123,6 +148,7 @@ def prepare_run(cfg, model_cfg) -> Run:
                               {"config": type(cfg).__name__, "train": dataclasses.asdict(cfg),
                                "model": dataclasses.asdict(model_cfg), "changed": changes,
                                "runtime": dataclasses.asdict(runtime)})
+    check_output_dir_is_shared(accelerator, cfg.output_dir)
     tokenizer = ensure_tokenizer(cfg, accelerator)
     set_seed(cfg.seed)
     model = build_model(model_cfg, tokenizer)
@@ -132,10 +158,7 @@ def prepare_run(cfg, model_cfg) -> Run:
                           world_size=accelerator.num_processes)
     feed = DataFeed(cfg, tokenizer, runtime, accelerator)
     optimizer = build_optimizer(model, cfg.learn_rate, cfg.weight_decay)
-    steps_per_epoch = math.ceil(feed.num_rows / (cfg.batch_size_per_gpu * cfg.gradient_accumulation_steps
-                                                 * accelerator.num_processes))
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, 1)  # aimed below, once a resume is known
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(state)
     description = describe_run(cfg, model_cfg, tokenizer)
@@ -143,17 +166,17 @@ def prepare_run(cfg, model_cfg) -> Run:
     if cfg.is_keep_training:
         resume(cfg, accelerator, checkpointer, state, description)
     # The schedule follows this invocation's flags: a changed learn_rate or epochs applies from the next step.
-    scheduler.scheduler.base_lrs = [cfg.learn_rate] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.learn_rate * lr_factor(state.global_step, cfg.warmup_steps, total_steps)
+    total_steps = feed.total_steps(state, cfg.epochs)
+    aim_schedule(scheduler, cfg.learn_rate, cfg.warmup_steps, total_steps, state)
     accelerator.gradient_accumulation_steps = state.gradient_accumulation_steps
     best = BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer)
-    best.sync_disk(state.best)
+    best.restore(state)
     metrics = MetricsLog(cfg.output_dir, accelerator, state.global_step if cfg.is_keep_training else 0)
     if tracker_names(cfg.report_to):
         accelerator.init_trackers("t5_pretrain", config={k: str(v) for k, v in description["train"].items()})
     log.info("data: %d rows, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.num_rows,
-             steps_per_epoch, total_steps, cfg.epochs, feed.global_batch_size(state))
+             math.ceil(feed.num_rows / feed.global_batch_size(state)), total_steps, cfg.epochs,
+             feed.global_batch_size(state))
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, state, feed,
                StepRunner(accelerator, model, optimizer, scheduler, cfg.max_grad_norm),
                checkpointer, best,

@@ -29,6 +29,14 @@ class TrainingState:
     """Non-finite steps skipped over the whole run."""
     skipped_rows: int = 0
     """Rows dropped for an empty prompt or response."""
+    schedule_total_steps: int = 0
+    """The run length the learning-rate schedule aims at; a resume that changes it re-aims the decay."""
+    decay_anchor: list = field(default_factory=list)
+    """[step, progress] the cosine decay goes on from after a re-aim; empty: from the end of the warmup."""
+    milestone_due: bool = False
+    """An evaluation and save fell due on a non-finite step: they happen after the next finite one."""
+    milestone_step: int = -1
+    """Step of the last evaluation and save, so an epoch ending right after one does not repeat it."""
     best: list = field(default_factory=list)
     """Best models, best first: dicts with path, bleu4, epoch, step."""
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 
 from utils.evaluation import token_loss_sum
 
@@ -28,6 +29,7 @@ class StepOutcome:
     target_tokens: int = 0  # response tokens of the whole global batch: the loss's weight
     tokens: int = 0  # prompt + response tokens of the whole global batch, for throughput
     lr: float = 0.0  # the learning rate this step used
+    engine_stepped: bool = False  # non-finite, but DeepSpeed's engine applied (or skipped) the update itself
 
 
 def rng_snapshot() -> tuple:
@@ -55,6 +57,9 @@ class StepRunner:
         self.oom_limit = simulated_oom_limit()
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
         self.bare_model = accelerator.unwrap_model(model)
+        # DeepSpeed's engine clips, steps (skipping only fp16 overflows) and zeroes inside the last backward: a
+        # non-finite step cannot be skipped here, and the engine fixes its micro-batch size when it is built.
+        self.engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def any_rank(self, flag: bool) -> bool:
         """The same answer on every rank: true when `flag` is true on at least one."""
@@ -80,6 +85,7 @@ class StepRunner:
         scale = self.accelerator.num_processes * len(micro_batches) / max(step_tokens, 1)
         loss_sum = torch.zeros((), device=self.accelerator.device)
         local_tokens = sum(int(b["attention_mask"].sum()) + int((b["labels"] != -100).sum()) for b in micro_batches)
+        lr = self.optimizer.param_groups[0]["lr"]  # read first: DeepSpeed moves the schedule inside backward
         rng = rng_snapshot()
         failed = False  # a backward ran out of memory; the other ranks learn it at the next agreement
         self.accelerator.step = 0  # our bundles always hold exactly one accumulation cycle
@@ -98,19 +104,22 @@ class StepRunner:
         totals = self.accelerator.reduce(torch.cat([loss_sum.view(1), flags]), "sum")
         if totals[2].item() > 0:
             return self.abandon(rng)
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)  # None: DeepSpeed has none
+        grad_norm = math.nan if norm is None else float(norm)
         mean_loss = totals[0].item() / max(step_tokens, 1)
-        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if finite:
+        finite = math.isfinite(mean_loss) and (norm is None or math.isfinite(grad_norm))
+        # fp16's GradScaler must see every step: it skips non-finite ones itself and lowers its scale; without its
+        # update the next step's unscale fails. Other precisions skip here.
+        if finite or self.accelerator.scaler is not None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the learning rate stays a function of the global step, skipped steps included
         return StepOutcome(mean_loss, grad_norm, finite, False, bool(totals[1].item() > 0), step_tokens,
-                           int(totals[3].item()), lr)
+                           int(totals[3].item()), lr, engine_stepped=self.engine_steps and not finite)
 
     def abandon(self, rng) -> StepOutcome:
         """Out of memory somewhere: drop this attempt's gradients and randomness so the retry starts clean."""
-        self.optimizer.zero_grad(set_to_none=True)
+        # Not `optimizer.zero_grad()`: Accelerate's wrapper ignores it on micro-steps before the last one.
+        self.model.zero_grad(set_to_none=True)
         restore_rng(rng)
         return StepOutcome(out_of_memory=True)

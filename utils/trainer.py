@@ -47,7 +47,6 @@ def train_loop(run) -> None:
     state, cfg = run.state, run.cfg
     reporter = Reporter(run)
     freeze_startup_objects()
-    pending_milestone = False
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for bundle in run.feed.epoch_steps(state):
             outcome = run.stepper.run(bundle, run.signals.requested)
@@ -62,14 +61,13 @@ def train_loop(run) -> None:
             run.memory.after_step(state.global_step)
             guard_against_divergence(state, outcome, cfg.max_bad_steps)
             # A save that falls on a non-finite step waits for the next good one: the kept state stays good.
-            pending_milestone = pending_milestone or run.checkpointer.due(state.global_step)
-            if pending_milestone and outcome.finite:
+            state.milestone_due = state.milestone_due or run.checkpointer.due(state.global_step)
+            if state.milestone_due and outcome.finite:
                 milestone(run)
-                pending_milestone = False
             if outcome.stop_requested:
                 return finish(run, reporter, "stopped by a signal; resume with --is_keep_training=True")
-            if reached_max_steps(run):
-                break
+            if reached_max_steps(run) and state.epoch_sample < run.feed.num_rows:
+                break  # (at the epoch's last step the loop runs out by itself, and the epoch's end still happens)
         else:
             end_of_epoch(run)
     finish(run, reporter, "max_steps reached" if reached_max_steps(run) else "all epochs done")
@@ -86,7 +84,8 @@ def guard_against_divergence(state, outcome, max_bad_steps: int) -> None:
         return
     state.consecutive_bad_steps += 1
     state.bad_steps_total += 1
-    log.warning("step %d skipped: loss %s, gradient norm %s (%d in a row, %d in total)", state.global_step,
+    what = "non-finite (DeepSpeed's engine applied or skipped it itself)" if outcome.engine_stepped else "skipped"
+    log.warning("step %d %s: loss %s, gradient norm %s (%d in a row, %d in total)", state.global_step, what,
                 outcome.loss, outcome.grad_norm, state.consecutive_bad_steps, state.bad_steps_total)
     if state.consecutive_bad_steps >= max_bad_steps:
         raise RunAborted(f"training diverged: {state.consecutive_bad_steps} consecutive steps with a non-finite "
@@ -103,6 +102,11 @@ def shrink_micro_batch(run) -> None:
     if smaller is None:
         raise RunAborted("out of GPU memory with --batch_size_per_gpu=1: lower --max_seq_len (e.g. 128) or use a "
                          "smaller model")
+    if run.stepper.engine_steps:
+        raise RunAborted(f"out of GPU memory at step {state.global_step + 1}; DeepSpeed fixes the micro-batch when "
+                         f"it starts, so resume with --is_keep_training=True --batch_size_per_gpu={smaller} "
+                         f"--gradient_accumulation_steps={state.gradient_accumulation_steps * size // smaller} and "
+                         "the same gradient_accumulation_steps in the DeepSpeed config")
     state.gradient_accumulation_steps *= size // smaller
     state.batch_size_per_gpu = smaller
     run.accelerator.gradient_accumulation_steps = state.gradient_accumulation_steps
@@ -115,6 +119,7 @@ def shrink_micro_batch(run) -> None:
 def milestone(run) -> None:
     """Evaluate (the model becomes a best-k candidate), then save the resumable state."""
     state = run.state
+    state.milestone_due, state.milestone_step = False, state.global_step
     if run.evaluator.total:
         started = time.time()
         result = run.evaluator.evaluate(run.model)
@@ -128,13 +133,14 @@ def milestone(run) -> None:
         if run.best.keep and run.best.consider(run.model, state, result.bleu4):
             log.info("step %d entered the best %d (bleu4 %.4f)", state.global_step, run.best.keep, result.bleu4)
     run.checkpointer.save(state)
+    run.best.sync_disk(state.best)  # only now may the models that fell out go: the saved state no longer lists them
 
 
 def end_of_epoch(run) -> None:
     state = run.state
     log.info("epoch %d done at step %d (%d rows with an empty prompt or response skipped so far)", state.epoch,
              state.global_step, state.skipped_rows)
-    if not run.checkpointer.saved_at(state.global_step):
+    if state.milestone_step != state.global_step:
         milestone(run)
     state.epoch += 1
     state.epoch_sample = 0

@@ -140,7 +140,7 @@ def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 120
     raise AssertionError(f"never saw {fragment!r}:\n{''.join(seen)[-3000:]}")
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])  # plus the kills aimed inside saves, below
 def test_kill_9_at_random_instants_then_resume_ends_bitwise_identical(tmp_path, task, uninterrupted, seed):
     data, tokenizer_dir = task
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
@@ -275,7 +275,8 @@ def test_two_ranks_agree_to_skip_non_finite_steps_and_stop_together(tmp_path, ta
                            max_bad_steps=3, save_steps=1, eval_max_samples=0, keep_latest_n_ckp=0)
     result = run_cli("train", flags, nproc=2, check=False, timeout=180)
     assert result.returncode != 0
-    assert "exitcode  : 1" in result.stderr and "exitcode  : -15" not in result.stderr  # both ranks ended by themselves
+    # Rank 0 says why and exits 1; rank 1 exits 0, so the launcher has no reason to kill rank 0 before it speaks.
+    assert "exitcode  : 1" in result.stderr and "exitcode  : -15" not in result.stderr
     assert "[rank 1]" not in result.stderr  # the other rank does not repeat the agreed warnings
     # Said once (by rank 0); torchrun then prints its own report of the failed ranks, but neither rank a traceback.
     assert result.stderr.count("error: training diverged: 3 consecutive steps") == 1

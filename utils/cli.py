@@ -37,11 +37,9 @@ def command(function):
         try:
             function(*parse(classes, args, flags))
         except UserError as error:
-            report(error.problems if isinstance(error, UserErrors) else [str(error)])
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(report(error.problems if isinstance(error, UserErrors) else [str(error)], EXIT_USER_ERROR))
         except RunAborted as error:
-            report([str(error)])
-            sys.exit(EXIT_RUN_ABORTED)
+            sys.exit(report([str(error)], EXIT_RUN_ABORTED))
 
     run.__signature__ = TAKES_EVERYTHING
     return run
@@ -100,14 +98,20 @@ def main(commands: dict) -> None:
     if name not in commands:
         guess = closest(name, commands) if name else None
         what = (f"unknown command {name!r}" if name else "no command") + (f" (did you mean {guess}?)" if guess else "")
-        report([f"{what}; the commands are {', '.join(commands)} (see --help)"])
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(report([f"{what}; the commands are {', '.join(commands)} (see --help)"], EXIT_USER_ERROR))
     fire.Fire(commands)
 
 
-def report(problems: list[str]) -> None:
-    """Print `error:` lines once per machine: every rank of a node finds the same problems (the pre-flight reads
-    the node's files; aborts are agreed), and N copies would bury them. Each node speaks, as disks may differ."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr, flush=True)
+def report(problems: list[str], exit_code: int) -> int:
+    """Print `error:` lines once per machine and return the process's exit code.
+
+    Every rank of a machine finds the same problems (the pre-flight reads that machine's files; aborts are agreed),
+    and N copies would bury them, so only each machine's first rank prints them and exits with `exit_code`; the
+    others exit 0. A launcher (torchrun, accelerate launch) kills every rank as soon as one fails, so a failing
+    second rank could cut the first one off before it printed.
+    """
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+    return exit_code

@@ -177,7 +177,7 @@ class TrainConfigDemo(TrainConfig):
     mixed_precision: Literal["bf16", "fp16", "no"] = "no"
     output_dir: str = "model_save/demo"
     """The demo's own directory (data, tokenizer, run), started over at every demo. Any other non-empty
-    directory is refused: the demo only deletes a directory that holds its marker file, .demo_output."""
+    directory is refused: the demo only empties a directory that holds its marker file, .demo_output."""
     save_steps: int = bounded(500, min=1)
     keep_latest_n_ckp: int = bounded(3, min=0)
     eval_max_samples: int = bounded(200, min=0)

@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset, get_worker_info
 
-from utils.errors import UserError
+from utils.errors import UnreadableData, UserError
 
 COLUMNS, LABEL_PAD = ("prompt", "response"), -100
 # Chunks of the prompt-length order, in global batches, re-sorted by response length (best of 2-32 tried).
@@ -117,7 +117,9 @@ class _RowGroupStream:
     def read(self, lo: int, hi: int) -> pa.Table:
         pieces = []
         while self.position < hi:
-            batch = self._pending if self._pending is not None else next(self._batches)
+            batch = self._pending if self._pending is not None else next(self._batches, None)
+            if batch is None:  # the file changed under us: its footer promised more rows
+                raise OSError(f"row group ended at row {self.position}, before row {hi}")
             start, end, self._pending = self.position, self.position + batch.num_rows, None
             if end > lo:
                 pieces.append(batch.slice(max(lo - start, 0), min(hi, end) - max(lo, start)))
@@ -298,7 +300,7 @@ class LowMemParquetDataset(IterableDataset):
                 self._stream = _RowGroupStream(handles[path], index, global_rg)
             return self._stream.read(lo, hi)
         except (pa.ArrowException, OSError) as error:
-            raise UserError(f"{path}: cannot read row group {index} ({error})") from None
+            raise UnreadableData(f"{path}: cannot read row group {index} ({error})") from None
 
     def _window(self, epoch: int, window: int, layout_size: int) -> _Window:
         """The window's rows, tokenized, in their length-grouped order."""

@@ -200,6 +200,16 @@ def test_missing_flags_stray_words_and_unknown_commands_are_one_line_each(argv, 
         assert line.startswith(f"error: {problem}")
 
 
+@pytest.mark.parametrize("typed", ["run, 1e5", "0x10", "True", "1_000"])
+def test_text_flags_arrive_exactly_as_typed(tmp_path, typed):
+    # Fire alone would make `run, 1e5` a tuple, `0x10` the number 16 and `True` a boolean.
+    path = f"{tmp_path}/{typed}"
+    result = run_cli_raw(["plot", f"--output_dir={path}"])
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --output_dir={path}: no metrics.jsonl")
+    prompt = run_cli_raw(["generate", f"--model_dir={tmp_path}", f"--prompt={typed}"])
+    assert prompt.returncode == 2 and len(prompt.stderr.splitlines()) == 1 and "--model_dir" in prompt.stderr
+
+
 def test_help_without_a_command_lists_every_command():
     result = run_cli_raw(["--help"])
     assert result.returncode == 0

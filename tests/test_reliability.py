@@ -239,6 +239,22 @@ def test_sigterm_to_one_rank_stops_both_in_step_with_a_state_to_resume(tmp_path,
                         atol=1e-8)
 
 
+def test_a_data_file_that_breaks_mid_run_is_reported_by_the_rank_that_read_it(tmp_path, task):
+    data, tokenizer_dir = task
+    train_file = tmp_path / "train.parquet"
+    train_file.write_bytes(open(data["train_file"], "rb").read())
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, dict(data, train_file=str(train_file)), dataloader_buffer_size=64,
+                           eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100)
+    launcher = start_training(flags, nproc=2)
+    wait_for_line(launcher, "step 1/")
+    with open(train_file, "r+b") as broken:  # the rows of the later windows are gone
+        broken.truncate(train_file.stat().st_size // 3)
+    output = launcher.communicate(timeout=120)[0]  # no rank waits for the others until the 30-minute timeout
+    assert launcher.returncode != 0
+    assert f"] {train_file}: cannot read row group" in output and "error: [rank " in output
+    assert 'File "' + REPO not in output
+
+
 def test_ctrl_c_saves_a_resumable_state_and_exits_cleanly(tmp_path, task, uninterrupted):
     data, tokenizer_dir = task
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)

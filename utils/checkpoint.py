@@ -117,8 +117,10 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.save_steps == 0
 
-    def save(self, state) -> None:
-        """Write `state` and the model, optimizer, scheduler and RNGs (all ranks); keep only the newest."""
+    def save(self, state) -> bool:
+        """Write `state` and the model, optimizer, scheduler and RNGs (all ranks); keep only the newest.
+
+        False when this data position is saved already (its state is kept as it is)."""
         name = state_name(state)
         root = os.path.join(self.output_dir, STATE_DIR)
         final = os.path.join(root, name)
@@ -126,7 +128,7 @@ class Checkpointer:
         # The same position was saved already (e.g. a resume of a finished run): never swap out a good state.
         if self.last_saved == name or main_process_sees(self.accelerator, os.path.join(final, COMPLETE_MARKER)):
             self.last_saved = name
-            return
+            return False
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -145,6 +147,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.last_saved = name
         log.info("saved resumable state at step %d: %s", state.global_step, final)
+        return True
 
     def _remove_all_but(self, keep: str) -> None:
         root = os.path.dirname(keep)

@@ -35,18 +35,40 @@ def command(function):
             print(command_help(function, classes))
             return
         try:
-            function(*parse(classes, args, flags))
+            function(*parse(classes, args, flags, typed_text(function.__name__)))
         except UserError as error:
-            sys.exit(report(error.problems if isinstance(error, UserErrors) else [str(error)], EXIT_USER_ERROR))
+            problems = error.problems if isinstance(error, UserErrors) else [str(error)]
+            sys.exit(report(problems, EXIT_USER_ERROR, error.every_rank))
         except RunAborted as error:
-            sys.exit(report([str(error)], EXIT_RUN_ABORTED))
+            sys.exit(report([str(error)], EXIT_RUN_ABORTED))  # aborts are agreed: every rank raises it
 
     run.__signature__ = TAKES_EVERYTHING
     return run
 
 
-def parse(classes: list, args: tuple, flags: dict) -> list:
-    """One instance of each class from Fire's arguments, or UserErrors naming every problem.
+def typed_text(command_name: str) -> dict:
+    """Each `--name=value` / `--name value` flag of the command line as the user typed it.
+
+    Fire turns `--prompt=a, b` into a tuple, `1e5` into 100000.0 and `True` into a bool; text fields (a prompt, a
+    path) take the typed text instead. Empty unless the command line runs `command_name`.
+    """
+    argv = sys.argv[1:]
+    if argv[:1] != [command_name]:
+        return {}
+    text, i = {}, 1
+    while i < len(argv):
+        name, has_value, value = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        if name and not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            has_value, value, i = "=", argv[i + 1], i + 1
+        if name and has_value:
+            text[name.replace("-", "_")] = value
+        i += 1
+    return text
+
+
+def parse(classes: list, args: tuple, flags: dict, text: dict) -> list:
+    """One instance of each class from Fire's arguments (text fields from `text`, the flags as typed), or
+    UserErrors naming every problem.
 
     A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge.
     """
@@ -56,7 +78,7 @@ def parse(classes: list, args: tuple, flags: dict) -> list:
     if choice and uses_large_config(flags):
         classes = [TrainConfigPretrainLarge if cls is TrainConfig else cls for cls in classes]
     try:
-        instances = build(choice + classes, flags)[len(choice):]
+        instances = build(choice + classes, flags, text)[len(choice):]
     except UserErrors as errors:
         problems += errors.problems
     if problems:
@@ -102,15 +124,18 @@ def main(commands: dict) -> None:
     fire.Fire(commands)
 
 
-def report(problems: list[str], exit_code: int) -> int:
-    """Print `error:` lines once per machine and return the process's exit code.
+def report(problems: list[str], exit_code: int, every_rank: bool = True) -> int:
+    """Print `error:` lines and return the process's exit code.
 
-    Every rank of a machine finds the same problems (the pre-flight reads that machine's files; aborts are agreed),
-    and N copies would bury them, so only each machine's first rank prints them and exits with `exit_code`; the
-    others exit 0. A launcher (torchrun, accelerate launch) kills every rank as soon as one fails, so a failing
-    second rank could cut the first one off before it printed.
+    A problem every rank of a machine finds alike (the pre-flight reads that machine's files; aborts are agreed)
+    is printed by the machine's first rank only, which exits with `exit_code`; the others exit 0, because a launcher
+    (torchrun, accelerate launch) kills every rank as soon as one fails and could cut the first one off before it
+    printed. A problem of one rank only (a read failing mid-run) is printed by that rank, which exits non-zero.
     """
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    if not every_rank:
+        rank = os.environ.get("RANK")
+        problems = [f"[rank {rank}] {problem}" if rank else problem for problem in problems]
+    elif int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return 0
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ TASKS = {
     "倒序": lambda phrase: phrase[::-1],
     "叠字": lambda phrase: "".join(ch * 2 for ch in phrase),
 }
-# Written first into the demo's directory: the demo deletes a non-empty directory only when it holds this file.
+# Written first into the demo's directory: the demo empties a non-empty directory only when it holds this file.
 MARKER = ".demo_output"
 # Fixed inside the demo's directory (see TrainConfigDemo): generated data never lands on the user's files.
 OWN_PATHS = ("train_file", "validation_file", "tokenizer_dir")
@@ -58,7 +58,8 @@ def refusals(cfg: TrainConfigDemo, output_dir: str) -> list[str]:
         problems.append(f"--output_dir={cfg.output_dir}: {output_dir} is a file or a link, not a directory")
     elif os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(marker_path(output_dir)):
         problems.append(f"--output_dir={cfg.output_dir}: {output_dir} is not empty and is not a previous demo's "
-                        f"output (no {MARKER} in it); the demo starts its directory over, so give a new or empty one")
+                        f"output (no {MARKER} in it); the demo starts its directory over, so give a new or empty "
+                        "one (a demo directory made by an older version has no marker: delete it once by hand)")
     return problems
 
 
@@ -67,12 +68,20 @@ def marker_path(output_dir: str) -> str:
 
 
 def start_over(output_dir: str) -> None:
-    """An empty `output_dir` holding only the marker; a previous demo's output is deleted first."""
-    if os.path.isdir(output_dir):
-        shutil.rmtree(output_dir)
-    os.makedirs(output_dir)
+    """An empty `output_dir` holding only the marker; a previous demo's output is deleted first.
+
+    Its contents go, not the directory itself (it may be a mount point), and the marker stays, so
+    an interrupted clean-up is still recognised as the demo's own next time.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif name != MARKER:
+            os.remove(path)
     with open(marker_path(output_dir), "w", encoding="utf-8") as marker:
-        marker.write("Written by `python train_low_mem.py demo`: the next demo run deletes this directory.\n")
+        marker.write("Written by `python train_low_mem.py demo`: the next demo run empties this directory.\n")
 
 
 def run_demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDemo) -> None:

@@ -7,6 +7,15 @@ class UserError(Exception):
     The message names the flag or file and says what is wrong, without the leading `error:`.
     """
 
+    every_rank = True
+    """Raised alike on every rank (flags, pre-flight, agreed checks): one report per machine is enough."""
+
+
+class UnreadableData(UserError):
+    """A data file that failed while one rank read it mid-run: only that rank knows, so that rank reports it."""
+
+    every_rank = False
+
 
 class UserErrors(UserError):
     """Several user mistakes found at once; printed one `error:` line each."""

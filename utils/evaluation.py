@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from utils.errors import UserError
+from utils.errors import UnreadableData
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -36,7 +36,7 @@ def read_rows(path: str, max_rows: int) -> tuple[list[str], list[str]]:
                     if len(prompts) == max_rows:
                         return prompts, responses
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+        raise UnreadableData(f"cannot read {path}: {error}") from None
     return prompts, responses
 
 

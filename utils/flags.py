@@ -118,28 +118,32 @@ def closest(name: str, choices) -> str | None:
     return guesses[0] if guesses else None
 
 
-def build(classes: list, flags: dict) -> list:
+def build(classes: list, flags: dict, text: dict | None = None) -> list:
     """Fill one instance of each dataclass in `classes` from `flags`: the command's flags are their fields.
+    A field of type `str` takes its value from `text` (the flags as typed) where it is there.
 
     Returns the instances, or raises UserErrors naming every bad flag: unknown (with the closest of all the
     classes' fields), of the wrong type, out of bounds, or required and missing.
     """
     owners = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
-    problems, values = [], {cls: {} for cls in classes}
+    problems, values, given = [], {cls: {} for cls in classes}, set()
     for name, raw in flags.items():
         name = name.replace("-", "_")
         if name not in owners:
             guess = closest(name, owners)
             problems.append(f"unknown flag --{name}" + (f" (did you mean --{guess}?)" if guess else " (see --help)"))
             continue
+        given.add(name)
+        annotation = field_types(owners[name])[name]
+        raw = (text or {}).get(name, raw) if annotation is str else raw
         try:
-            values[owners[name]][name] = convert(raw, field_types(owners[name])[name])
+            values[owners[name]][name] = convert(raw, annotation)
         except FlagProblem as problem:
             problems.append(f"--{name}={raw!r} {problem}")
     instances = []
     for cls in classes:
         for f in dataclasses.fields(cls):
-            if f.metadata.get("required") and f.name not in values[cls]:
+            if f.metadata.get("required") and f.name not in given:
                 problems.append(f"--{f.name} is required (see --help)")
             elif f.name in values[cls]:
                 problem = check_bounds(f.name, values[cls][f.name], f.metadata)

@@ -104,7 +104,8 @@ class StepRunner:
         totals = self.accelerator.reduce(torch.cat([loss_sum.view(1), flags]), "sum")
         if totals[2].item() > 0:
             return self.abandon(rng)
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)  # None: DeepSpeed has none
+        # Under DeepSpeed this is the engine's norm of the step it has taken (None if it kept none).
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
         grad_norm = math.nan if norm is None else float(norm)
         mean_loss = totals[0].item() / max(step_tokens, 1)
         finite = math.isfinite(mean_loss) and (norm is None or math.isfinite(grad_norm))
@@ -119,7 +120,8 @@ class StepRunner:
 
     def abandon(self, rng) -> StepOutcome:
         """Out of memory somewhere: drop this attempt's gradients and randomness so the retry starts clean."""
-        # Not `optimizer.zero_grad()`: Accelerate's wrapper ignores it on micro-steps before the last one.
-        self.model.zero_grad(set_to_none=True)
+        # Not `optimizer.zero_grad()`: Accelerate's wrapper ignores it on micro-steps before the last one. The bare
+        # model's: a DeepSpeed engine's own `zero_grad` takes no arguments.
+        self.bare_model.zero_grad(set_to_none=True)
         restore_rng(rng)
         return StepOutcome(out_of_memory=True)

@@ -132,8 +132,7 @@ def milestone(run) -> None:
                      generation[:80])
         if run.best.keep and run.best.consider(run.model, state, result.bleu4):
             log.info("step %d entered the best %d (bleu4 %.4f)", state.global_step, run.best.keep, result.bleu4)
-    run.checkpointer.save(state)
-    run.best.sync_disk(state.best)  # only now may the models that fell out go: the saved state no longer lists them
+    save_state(run)
 
 
 def end_of_epoch(run) -> None:
@@ -144,11 +143,18 @@ def end_of_epoch(run) -> None:
         milestone(run)
     state.epoch += 1
     state.epoch_sample = 0
-    run.checkpointer.save(state)
+    save_state(run)
+
+
+def save_state(run) -> None:
+    """Save the resumable state; only once one is written that no longer lists them may the best models that
+    fell out of the top k go (a position saved already keeps its state, and with it their entries)."""
+    if run.checkpointer.save(run.state):
+        run.best.sync_disk(run.state.best)
 
 
 def finish(run, reporter, reason: str) -> None:
-    run.checkpointer.save(run.state)
+    save_state(run)
     save_hf_model(run.accelerator, run.model, run.tokenizer, os.path.join(run.cfg.output_dir, FINAL_DIR))
     reporter.close()
     log.info("%s at step %d: model in %s", reason, run.state.global_step, os.path.join(run.cfg.output_dir, FINAL_DIR))

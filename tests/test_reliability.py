@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.cli_helpers import (ENTRY, REPO, as_flags, assert_same_weights, child_env, final_weights, make_task_data,
                                read_metrics, run_cli, tiny_run_flags)
 from utils.checkpoint import BEST_DIR, STATE_DIR, TMP_PREFIX
-from utils.step import SIMULATE_OOM_ENV
+from utils.step import SIMULATE_OOM_ENV, SIMULATE_OOM_IN_BACKWARD_ENV
 
 
 def assert_user_error(result, *fragments):
@@ -327,6 +327,19 @@ def test_out_of_memory_at_batch_1_stops_with_advice(tmp_path, task):
                            keep_latest_n_ckp=0)
     result = run_cli("train", flags, env={SIMULATE_OOM_ENV: 1}, check=False)
     assert result.returncode == 1 and "--max_seq_len" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_of_memory_inside_the_gradient_all_reduce_stops_promptly_with_the_flags_to_resume_with(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=8, max_steps=3, eval_max_samples=0,
+                           keep_latest_n_ckp=0)
+    started = time.time()
+    result = run_cli("train", flags, nproc=2, check=False, timeout=150,
+                     env={SIMULATE_OOM_ENV: 5, SIMULATE_OOM_IN_BACKWARD_ENV: 1})
+    assert result.returncode != 0 and time.time() - started < 120  # not the 30-minute collective timeout
+    assert ("error: [rank 1] out of GPU memory at step 1 with --batch_size_per_gpu=8, inside the last micro-batch's "
+            "gradient all-reduce") in result.stderr
+    assert "resume with --is_keep_training=True --batch_size_per_gpu=4 --gradient_accumulation_steps=2" in result.stderr
 
 
 # ---------------------------------------------------------------- best-k bookkeeping

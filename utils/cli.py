@@ -40,7 +40,7 @@ def command(function):
             problems = error.problems if isinstance(error, UserErrors) else [str(error)]
             sys.exit(report(problems, EXIT_USER_ERROR, error.every_rank))
         except RunAborted as error:
-            sys.exit(report([str(error)], EXIT_RUN_ABORTED))  # aborts are agreed: every rank raises it
+            sys.exit(report([str(error)], EXIT_RUN_ABORTED, error.every_rank))
 
     run.__signature__ = TAKES_EVERYTHING
     return run

@@ -30,3 +30,12 @@ class RunAborted(Exception):
 
     Printed as one `error:` line with exit code 1: not a usage mistake, but no traceback helps the user either.
     """
+
+    every_rank = True
+    """Decided alike on every rank (they agreed): one report per machine is enough."""
+
+
+class RankAborted(RunAborted):
+    """A stop only this rank knows of (out of memory where the ranks cannot agree): this rank reports it."""
+
+    every_rank = False

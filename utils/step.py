@@ -15,8 +15,10 @@ from accelerate.utils import DistributedType
 
 from utils.evaluation import token_loss_sum
 
-# Test hook: pretend the GPU runs out of memory on every micro-batch of at least this many rows (CPU tests).
+# Test hooks: pretend the GPU runs out of memory in the forward of every micro-batch of at least this many rows
+# (CPU tests); with the second set, instead in the last micro-batch's backward and on that rank only.
 SIMULATE_OOM_ENV = "T5LM_SIMULATE_OOM_FROM_ROWS"
+SIMULATE_OOM_IN_BACKWARD_ENV = "T5LM_SIMULATE_OOM_IN_BACKWARD_ON_RANK"
 
 
 @dataclass
@@ -25,6 +27,7 @@ class StepOutcome:
     grad_norm: float = math.nan
     finite: bool = True
     out_of_memory: bool = False
+    in_all_reduce: bool = False  # out of memory inside the gradient all-reduce: only this rank knows
     stop_requested: bool = False
     target_tokens: int = 0  # response tokens of the whole global batch: the loss's weight
     tokens: int = 0  # prompt + response tokens of the whole global batch, for throughput
@@ -43,8 +46,6 @@ def restore_rng(snapshot: tuple) -> None:
         torch.cuda.set_rng_state_all(snapshot[1])
 
 
-def simulated_oom_limit() -> int:
-    return int(os.environ.get(SIMULATE_OOM_ENV, "0"))
 
 
 class StepRunner:
@@ -54,7 +55,8 @@ class StepRunner:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
-        self.oom_limit = simulated_oom_limit()
+        self.oom_limit = int(os.environ.get(SIMULATE_OOM_ENV, "0"))
+        self.oom_backward_rank = os.environ.get(SIMULATE_OOM_IN_BACKWARD_ENV)
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
         self.bare_model = accelerator.unwrap_model(model)
         # DeepSpeed's engine clips, steps (skipping only fp16 overflows) and zeroes inside the last backward: a
@@ -68,11 +70,23 @@ class StepRunner:
         tensor = torch.tensor([float(flag)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
 
+    def simulate_oom(self, batch, phase: str) -> None:
+        """The out-of-memory error the test hooks ask for, if any, in `phase` (forward or backward)."""
+        rows = batch["input_ids"].shape[0]
+        if not self.oom_limit or rows < self.oom_limit:
+            return
+        if self.oom_backward_rank is None:
+            wanted = phase == "forward"
+        else:
+            wanted = (phase == "backward" and self.accelerator.sync_gradients
+                      and self.accelerator.process_index == int(self.oom_backward_rank))
+        if wanted:
+            raise torch.OutOfMemoryError(f"simulated in {phase}: {rows} rows")
+
     def forward(self, batch) -> tuple[torch.Tensor | None, bool]:
         """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
         try:
-            if self.oom_limit and batch["input_ids"].shape[0] >= self.oom_limit:
-                raise torch.OutOfMemoryError(f"simulated: {batch['input_ids'].shape[0]} rows")
+            self.simulate_oom(batch, "forward")
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss, _ = token_loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      bare_model=self.bare_model)
@@ -96,9 +110,13 @@ class StepRunner:
                 if self.any_rank(oom):
                     return self.abandon(rng)
                 try:
+                    self.simulate_oom(batch, "backward")
                     self.accelerator.backward(loss * scale)
                     loss_sum += loss.detach()
                 except torch.OutOfMemoryError:
+                    if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
+                        # The other ranks are inside this backward's gradient all-reduce: none can be told to retry.
+                        return StepOutcome(out_of_memory=True, in_all_reduce=True)
                     failed = True
         flags = torch.tensor([float(stop_requested), float(failed), local_tokens], device=loss_sum.device)
         totals = self.accelerator.reduce(torch.cat([loss_sum.view(1), flags]), "sum")

@@ -5,7 +5,7 @@ import time
 
 from config import with_resolved_paths
 from utils.checkpoint import FINAL_DIR, save_hf_model
-from utils.errors import RunAborted
+from utils.errors import RankAborted, RunAborted
 from utils.memory import freeze_startup_objects, release_memory
 from utils.preflight import check_before_training
 from utils.run_log import Progress
@@ -24,8 +24,8 @@ def run_training(cfg, model_cfg) -> None:
     try:
         train_loop(run)
         agreed_ending = True
-    except RunAborted:
-        agreed_ending = True
+    except RunAborted as abort:
+        agreed_ending = abort.every_rank
         raise
     finally:
         run.signals.restore()
@@ -51,7 +51,7 @@ def train_loop(run) -> None:
         for bundle in run.feed.epoch_steps(state):
             outcome = run.stepper.run(bundle, run.signals.requested)
             if outcome.out_of_memory:
-                shrink_micro_batch(run)
+                shrink_micro_batch(run, outcome)
                 break  # re-enter the epoch at the same position, split into smaller micro-batches
             state.samples_seen += bundle["end_sample"] - state.epoch_sample
             state.epoch_sample = bundle["end_sample"]
@@ -94,19 +94,23 @@ def guard_against_divergence(state, outcome, max_bad_steps: int) -> None:
                          "--is_keep_training=True")
 
 
-def shrink_micro_batch(run) -> None:
+def shrink_micro_batch(run, outcome) -> None:
     """Out of GPU memory: a smaller micro-batch with more accumulation keeps the global batch and data order."""
     state = run.state
     size = state.batch_size_per_gpu
     smaller = next((d for d in range(size // 2, 0, -1) if size % d == 0), None)
+    where = f"out of GPU memory at step {state.global_step + 1} with --batch_size_per_gpu={size}"
+    advice = ("lower --max_seq_len (e.g. 128) or use a smaller model" if smaller is None else
+              f"resume with --is_keep_training=True --batch_size_per_gpu={smaller} "
+              f"--gradient_accumulation_steps={state.gradient_accumulation_steps * size // smaller}")
+    if outcome.in_all_reduce:
+        raise RankAborted(f"{where}, inside the last micro-batch's gradient all-reduce, where the other ranks cannot "
+                          f"be told to retry: {advice}")
     if smaller is None:
-        raise RunAborted("out of GPU memory with --batch_size_per_gpu=1: lower --max_seq_len (e.g. 128) or use a "
-                         "smaller model")
+        raise RunAborted(f"{where}: {advice}")
     if run.stepper.engine_steps:
-        raise RunAborted(f"out of GPU memory at step {state.global_step + 1}; DeepSpeed fixes the micro-batch when "
-                         f"it starts, so resume with --is_keep_training=True --batch_size_per_gpu={smaller} "
-                         f"--gradient_accumulation_steps={state.gradient_accumulation_steps * size // smaller} and "
-                         "the same gradient_accumulation_steps in the DeepSpeed config")
+        raise RunAborted(f"{where}; DeepSpeed fixes the micro-batch when it starts: {advice}, and the same "
+                         "gradient_accumulation_steps in the DeepSpeed config")
     state.gradient_accumulation_steps *= size // smaller
     state.batch_size_per_gpu = smaller
     run.accelerator.gradient_accumulation_steps = state.gradient_accumulation_steps

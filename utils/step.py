@@ -133,8 +133,9 @@ class StepRunner:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the learning rate stays a function of the global step, skipped steps included
-        return StepOutcome(mean_loss, grad_norm, finite, False, bool(totals[1].item() > 0), step_tokens,
-                           int(totals[3].item()), lr, engine_stepped=self.engine_steps and not finite)
+        return StepOutcome(loss=mean_loss, grad_norm=grad_norm, finite=finite,
+                           stop_requested=bool(totals[1].item() > 0), target_tokens=step_tokens,
+                           tokens=int(totals[3].item()), lr=lr, engine_stepped=self.engine_steps and not finite)
 
     def abandon(self, rng) -> StepOutcome:
         """Out of memory somewhere: drop this attempt's gradients and randomness so the retry starts clean."""

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 
-from accelerate.utils import broadcast_object_list
+from utils.runtime import decided_by_main
 
 STATE_DIR, BEST_DIR, FINAL_DIR = "state", "best", "final"
 COMPLETE_MARKER = "COMPLETE"
@@ -68,10 +68,7 @@ def publish(tmp: str, final: str) -> None:
 
 def main_process_sees(accelerator, path: str) -> bool:
     """Whether the main process sees `path`: the same answer on every rank, so they all take the same branch."""
-    answer = [os.path.exists(path) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(answer, from_process=0)
-    return answer[0]
+    return decided_by_main(accelerator, lambda: os.path.exists(path))
 
 
 def step_name(step: int) -> str:
@@ -159,11 +156,7 @@ class Checkpointer:
     def latest(self) -> str | None:
         """The newest complete state as the main process sees it (a rank with a stale directory listing must not
         resume from another one)."""
-        states = complete_states(self.output_dir) if self.accelerator.is_main_process else []
-        answer = [states[-1] if states else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(answer, from_process=0)
-        return answer[0]
+        return decided_by_main(self.accelerator, lambda: (complete_states(self.output_dir) or [None])[-1])
 
     def load(self, path: str) -> None:
         """Restore model, optimizer, scheduler, every rank's RNG states and the TrainingState."""

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from config import with_resolved_paths
 from model.t5 import build_model, count_parameters
@@ -25,7 +25,7 @@ from utils.flags import changed_fields
 from utils.memory import MemoryHygiene
 from utils.optim import aim_schedule, build_optimizer, build_scheduler
 from utils.run_log import MetricsLog, log_file_path, setup_logging
-from utils.runtime import start, tracker_names
+from utils.runtime import decided_by_main, start, tracker_names
 from utils.signals import StopSignals
 from utils.state import TrainingState
 from utils.step import StepRunner
@@ -115,9 +115,7 @@ def check_output_dir_is_shared(accelerator, output_dir: str) -> None:
     and a resume reads the state the main process chose. Machines with separate disks would resume apart."""
     if accelerator.num_processes == 1:
         return
-    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
-    broadcast_object_list(token, from_process=0)
-    probe = os.path.join(output_dir, f".shared-{token[0]}")
+    probe = os.path.join(output_dir, f".shared-{decided_by_main(accelerator, lambda: secrets.token_hex(8))}")
     if accelerator.is_main_process:
         open(probe, "w").close()
     accelerator.wait_for_everyone()

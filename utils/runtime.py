@@ -65,6 +65,15 @@ def tracker_names(report_to: str) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
 
 
+def decided_by_main(state, decide):
+    """`decide()` run on the main process only, its answer handed to every rank (`state`: the Accelerator or its
+    PartialState): one decision for the whole run, never one per rank."""
+    answer = [decide() if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    return answer[0]
+
+
 def set_nccl_defaults() -> None:
     """NCCL reads these at communicator creation; they matter only with NCCL, so leave gloo runs untouched."""
     if torch.cuda.is_available():
@@ -79,10 +88,7 @@ def start(cfg, gradient_accumulation_steps: int) -> tuple[Accelerator, Runtime]:
     # Without a GPU (or with ACCELERATE_USE_CPU=true) torchrun ranks must form a gloo group (MULTI_CPU).
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, **timeout.to_kwargs())
-    decision = [decide(cfg) if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(decision, from_process=0)
-    runtime = decision[0]
+    runtime = decided_by_main(state, lambda: decide(cfg))
     trackers = tracker_names(cfg.report_to)
     accelerator = Accelerator(
         cpu=cpu,

@@ -46,8 +46,6 @@ def restore_rng(snapshot: tuple) -> None:
         torch.cuda.set_rng_state_all(snapshot[1])
 
 
-
-
 class StepRunner:
     def __init__(self, accelerator, model, optimizer, scheduler, max_grad_norm: float):
         self.accelerator = accelerator

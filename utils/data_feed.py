@@ -25,14 +25,16 @@ class DataFeed:
     def global_batch_size(self, state) -> int:
         return state.batch_size_per_gpu * state.gradient_accumulation_steps * self.world_size
 
+    def steps_per_epoch(self, state) -> int:
+        return math.ceil(self.num_rows / self.global_batch_size(state))
+
     def total_steps(self, state, epochs: int) -> int:
         """Steps of the whole run: those done plus those left at the global batch in force (after a resume on
         another number of processes, the remaining rows are cut into steps of the new size)."""
-        per_epoch = math.ceil(self.num_rows / self.global_batch_size(state))
         if state.epoch >= epochs:
             return state.global_step
         this_epoch = math.ceil((self.num_rows - state.epoch_sample) / self.global_batch_size(state))
-        return state.global_step + this_epoch + (epochs - state.epoch - 1) * per_epoch
+        return state.global_step + this_epoch + (epochs - state.epoch - 1) * self.steps_per_epoch(state)
 
     def epoch_steps(self, state):
         """The remaining steps of `state.epoch`, starting right after `state.epoch_sample` global samples.

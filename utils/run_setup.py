@@ -6,12 +6,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 from dataclasses import dataclass
 
-import torch
 from accelerate.utils import set_seed
 
 from config import with_resolved_paths
@@ -25,7 +23,7 @@ from utils.flags import changed_fields
 from utils.memory import MemoryHygiene
 from utils.optim import aim_schedule, build_optimizer, build_scheduler
 from utils.run_log import MetricsLog, log_file_path, setup_logging
-from utils.runtime import decided_by_main, start, tracker_names
+from utils.runtime import decided_by_main, ranks_where, start, tracker_names
 from utils.signals import StopSignals
 from utils.state import TrainingState
 from utils.step import StepRunner
@@ -119,12 +117,12 @@ def check_output_dir_is_shared(accelerator, output_dir: str) -> None:
     if accelerator.is_main_process:
         open(probe, "w").close()
     accelerator.wait_for_everyone()
-    blind = accelerator.reduce(torch.tensor([float(not os.path.exists(probe))], device=accelerator.device), "sum")
+    blind = ranks_where(accelerator, not os.path.exists(probe))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.remove(probe)
-    if blind.item() > 0:
-        raise UserError(f"--output_dir={output_dir}: {int(blind.item())} of {accelerator.num_processes} processes "
+    if blind:
+        raise UserError(f"--output_dir={output_dir}: {blind} of {accelerator.num_processes} processes "
                         "do not see the main process's files there; on several machines it must be on a "
                         "filesystem they all mount (NFS or similar)")
 
@@ -173,7 +171,7 @@ def prepare_run(cfg, model_cfg) -> Run:
     if tracker_names(cfg.report_to):
         accelerator.init_trackers("t5_pretrain", config={k: str(v) for k, v in description["train"].items()})
     log.info("data: %d rows, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.num_rows,
-             math.ceil(feed.num_rows / feed.global_batch_size(state)), total_steps, cfg.epochs,
+             feed.steps_per_epoch(state), total_steps, cfg.epochs,
              feed.global_batch_size(state))
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, state, feed,
                StepRunner(accelerator, model, optimizer, scheduler, cfg.max_grad_norm),

@@ -74,6 +74,13 @@ def decided_by_main(state, decide):
     return answer[0]
 
 
+def ranks_where(accelerator, flag: bool) -> int:
+    """How many ranks have `flag` true: the same count on every rank, so they all take the same branch."""
+    if accelerator.num_processes == 1:
+        return int(flag)
+    return int(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+
+
 def set_nccl_defaults() -> None:
     """NCCL reads these at communicator creation; they matter only with NCCL, so leave gloo runs untouched."""
     if torch.cuda.is_available():

@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from utils.evaluation import token_loss_sum
+from utils.runtime import ranks_where
 
 # Test hooks: pretend the GPU runs out of memory in the forward of every micro-batch of at least this many rows
 # (CPU tests); with the second set, instead in the last micro-batch's backward and on that rank only.
@@ -61,13 +62,6 @@ class StepRunner:
         # non-finite step cannot be skipped here, and the engine fixes its micro-batch size when it is built.
         self.engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def any_rank(self, flag: bool) -> bool:
-        """The same answer on every rank: true when `flag` is true on at least one."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(tensor, "sum").item() > 0)
-
     def simulate_oom(self, batch, phase: str) -> None:
         """The out-of-memory error the test hooks ask for, if any, in `phase` (forward or backward)."""
         rows = batch["input_ids"].shape[0]
@@ -105,7 +99,7 @@ class StepRunner:
             with self.accelerator.accumulate(self.model):
                 loss, oom = (None, True) if failed else self.forward(batch)
                 # Agree before backward: the last micro-step's backward all-reduces gradients on every rank.
-                if self.any_rank(oom):
+                if ranks_where(self.accelerator, oom):
                     return self.abandon(rng)
                 try:
                     self.simulate_oom(batch, "backward")

@@ -2,11 +2,12 @@
 command-line flag of the same name.
 
 The string under each field is its help text (`train_low_mem.py COMMAND --help` prints it). Bounds live in the
-field's metadata so that `utils.flags` can check them and name the flag in the error. Relative paths are relative
+field's metadata, declared once on the class that introduces the field, so that `commands.flags` can check them
+and name the flag in the error. Relative paths are relative
 to the repository root, so the defaults work from any working directory.
 """
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Union
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -23,20 +24,30 @@ def resolve_path(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(PROJECT_ROOT, path)
 
 
+def split_paths(text: str) -> list[str]:
+    """A flag's comma-separated paths (or globs) as a list."""
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
 def with_resolved_paths(cfg):
     """A copy of a train config whose file and directory fields are absolute (see `resolve_path`)."""
     paths = ("train_file", "validation_file", "tokenizer_dir", "output_dir", "log_dir")
-    resolved = {name: ",".join(resolve_path(p.strip()) for p in getattr(cfg, name).split(",")) for name in paths}
-    return replace(cfg, **resolved)
+    return replace(cfg, **{name: ",".join(map(resolve_path, split_paths(getattr(cfg, name)))) for name in paths})
+
+
+def changed_fields(instance, default=None) -> dict:
+    """The fields whose value differs from `default` (the class default): what the user changed."""
+    default = default or type(instance)()
+    return {name: value for name, value in asdict(instance).items() if getattr(default, name) != value}
 
 
 def bounded(default, min=None, max=None):
-    """A field whose value must lie in [min, max]; `utils.flags` reports the flag when it does not."""
+    """A field whose value must lie in [min, max]; `commands.flags` reports the flag when it does not."""
     return field(default=default, metadata={"min": min, "max": max})
 
 
 def required():
-    """A field without a default: `utils.flags` reports the flag when the command line lacks it."""
+    """A field without a default: `commands.flags` reports the flag when the command line lacks it."""
     return field(default=None, metadata={"required": True})
 
 
@@ -139,26 +150,27 @@ class TrainConfig:
 
 @dataclass
 class TrainConfigPretrainLarge(TrainConfig):
-    """10M rows on 3 GPUs of 20 GB and 12 GB of host RAM (the user's guide). Help texts come from TrainConfig."""
+    """10M rows on 3 GPUs of 20 GB and 12 GB of host RAM (the user's guide). Only defaults change here: help
+    texts and bounds come from TrainConfig."""
 
     train_file: str = "data/pretrain_train_10m.parquet"
     validation_file: str = "data/pretrain_valid_100k.parquet"
-    max_seq_len: int = bounded(192, min=8)
-    dataloader_buffer_size: int = bounded(5000, min=1)
-    epochs: int = bounded(3, min=1)
-    batch_size_per_gpu: int = bounded(32, min=1)
-    gradient_accumulation_steps: int = bounded(2, min=1)
+    max_seq_len: int = 192
+    dataloader_buffer_size: int = 5000
+    epochs: int = 3
+    batch_size_per_gpu: int = 32
+    gradient_accumulation_steps: int = 2
     output_dir: str = "model_save/pretrain_large"
-    save_steps: int = bounded(5000, min=1)
-    logging_steps: int = bounded(100, min=1)
-    eval_max_samples: int = bounded(2000, min=0)
+    save_steps: int = 5000
+    logging_steps: int = 100
+    eval_max_samples: int = 2000
     """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""
 
 
 @dataclass
 class TrainConfigDemo(TrainConfig):
     """`demo`'s run: small enough to finish in minutes on 2 CPU cores, large enough to learn the task well (BLEU-4
-    > 0.8). Help texts come from TrainConfig."""
+    > 0.8). Only defaults change here: help texts and bounds come from TrainConfig."""
 
     train_file: str = f"{OUTPUT_DIR}/data/train.parquet"
     """Not settable: the demo writes its generated rows inside its own --output_dir, never over your files."""
@@ -166,37 +178,37 @@ class TrainConfigDemo(TrainConfig):
     """Not settable, like --train_file."""
     tokenizer_dir: str = f"{OUTPUT_DIR}/tokenizer"
     """Not settable, like --train_file: the demo trains its own tokenizer there."""
-    vocab_size: int = bounded(400, min=300)
-    max_seq_len: int = bounded(24, min=8)
-    dataloader_buffer_size: int = bounded(4096, min=1)
-    epochs: int = bounded(16, min=1)
-    batch_size_per_gpu: int = bounded(32, min=1)
-    gradient_accumulation_steps: int = bounded(1, min=1)
-    learn_rate: float = bounded(1e-3, min=0.0)
-    warmup_steps: int = bounded(100, min=0)
+    vocab_size: int = 400
+    max_seq_len: int = 24
+    dataloader_buffer_size: int = 4096
+    epochs: int = 16
+    batch_size_per_gpu: int = 32
+    gradient_accumulation_steps: int = 1
+    learn_rate: float = 1e-3
+    warmup_steps: int = 100
     mixed_precision: Literal["bf16", "fp16", "no"] = "no"
     output_dir: str = "model_save/demo"
     """The demo's own directory (data, tokenizer, run), started over at every demo. Any other non-empty
     directory is refused: the demo only empties a directory that holds its marker file, .demo_output."""
-    save_steps: int = bounded(500, min=1)
-    keep_latest_n_ckp: int = bounded(3, min=0)
-    eval_max_samples: int = bounded(200, min=0)
-    eval_batch_size: int = bounded(100, min=1)
-    logging_steps: int = bounded(100, min=1)
-    memory_log_steps: int = bounded(300, min=0)
+    save_steps: int = 500
+    keep_latest_n_ckp: int = 3
+    eval_max_samples: int = 200
+    eval_batch_size: int = 100
+    logging_steps: int = 100
+    memory_log_steps: int = 300
 
 
 @dataclass
 class T5ModelConfigDemo(T5ModelConfig):
-    """`demo`'s model: a tiny T5, enough for the task."""
+    """`demo`'s model: a tiny T5, enough for the task. Only defaults change here."""
 
-    d_model: int = bounded(128, min=8)
-    d_ff: int = bounded(256, min=8)
-    num_heads: int = bounded(4, min=1)
-    d_kv: int = bounded(32, min=4)
-    num_layers: int = bounded(2, min=1)
-    num_decoder_layers: int = bounded(2, min=1)
-    dropout_rate: float = bounded(0.0, min=0.0, max=0.9)
+    d_model: int = 128
+    d_ff: int = 256
+    num_heads: int = 4
+    d_kv: int = 32
+    num_layers: int = 2
+    num_decoder_layers: int = 2
+    dropout_rate: float = 0.0
 
 
 # --- the flags of the commands besides the train and model settings ---
@@ -251,11 +263,17 @@ class TokenizerFlags:
 
 
 @dataclass
-class EvaluateFlags:
-    """`evaluate`'s flags."""
+class SavedModelFlags:
+    """Which saved model a command uses."""
 
     model_dir: str = required()
     """A model saved by train: its final/ or a best/step-* directory."""
+
+
+@dataclass
+class EvaluateFlags(SavedModelFlags):
+    """`evaluate`'s flags."""
+
     file: str = required()
     """Parquet file with prompt and response columns."""
     max_samples: int = bounded(1000, min=1)
@@ -267,11 +285,9 @@ class EvaluateFlags:
 
 
 @dataclass
-class GenerateFlags:
+class GenerateFlags(SavedModelFlags):
     """`generate`'s flags."""
 
-    model_dir: str = required()
-    """A model saved by train: its final/ or a best/step-* directory."""
     prompt: str = required()
     """The prompt (quote it when it holds spaces)."""
     max_new_tokens: int = bounded(192, min=1)

@@ -4,22 +4,32 @@ A command's parameters are typed by the dataclasses of config.py whose fields ar
 flag against them before the command runs. Heavy libraries are imported inside the commands so that a mistyped
 flag is reported in a fraction of a second.
 """
-from config import (DemoFlags, EvaluateFlags, GenerateFlags, PlanFlags, PlotFlags, T5ModelConfig, T5ModelConfigDemo,
-                    TokenizerFlags, TrainConfig, TrainConfigDemo)
-from utils.cli import command, main
+from commands.cli import command, main
+from config import (
+    DemoFlags,
+    EvaluateFlags,
+    GenerateFlags,
+    PlanFlags,
+    PlotFlags,
+    T5ModelConfig,
+    T5ModelConfigDemo,
+    TokenizerFlags,
+    TrainConfig,
+    TrainConfigDemo,
+)
 
 
 @command
 def train(cfg: TrainConfig, model_cfg: T5ModelConfig):
     """Train (or with --is_keep_training=True resume) on train_file. Every config field is a flag:"""
-    from utils.trainer import run_training
+    from training.loop import run_training
     run_training(cfg, model_cfg)
 
 
 @command
 def train_tokenizer(flags: TokenizerFlags):
     """Train the byte-level BPE tokenizer on the prompt and response columns of train_file."""
-    from utils.commands import train_tokenizer_command
+    from commands.train_tokenizer import train_tokenizer_command
     train_tokenizer_command(flags)
 
 
@@ -29,21 +39,21 @@ def demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDemo):
 
     Every train flag works, with the demo's defaults, except --train_file, --validation_file and --tokenizer_dir:
     the demo keeps its data and tokenizer inside its --output_dir."""
-    from utils.demo import run_demo
+    from commands.demo import run_demo
     run_demo(flags, cfg, model_cfg)
 
 
 @command
 def evaluate(flags: EvaluateFlags):
     """Print BLEU-4 and the loss of a saved model on a parquet file."""
-    from utils.commands import evaluate_command
+    from commands.saved_model import evaluate_command
     evaluate_command(flags)
 
 
 @command
 def generate(flags: GenerateFlags):
     """Print a saved model's answer to a prompt."""
-    from utils.commands import generate_command
+    from commands.saved_model import generate_command
     generate_command(flags)
 
 
@@ -52,17 +62,19 @@ def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig):
     """Print what a run will do and need (steps, saves, memory, disk, hours) without training.
 
     Every train flag works, as in train:"""
-    from utils.plan import run_plan
+    from commands.plan import run_plan
     run_plan(flags, cfg, model_cfg)
 
 
 @command
 def plot(flags: PlotFlags):
     """Draw PNG charts of loss, BLEU-4, lr and memory from output_dir/metrics.jsonl, next to it."""
-    from utils.plot import run_plot
+    from commands.plot import run_plot
     run_plot(flags.output_dir)
 
 
+COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "demo": demo, "evaluate": evaluate,
+            "generate": generate, "plan": plan, "plot": plot}
+
 if __name__ == "__main__":
-    main({"train": train, "train_tokenizer": train_tokenizer, "demo": demo, "evaluate": evaluate,
-          "generate": generate, "plan": plan, "plot": plot})
+    main(COMMANDS)

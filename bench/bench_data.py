@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from make_big_parquet import make_big_parquet  # noqa: E402
+
 from model.dataset import LowMemParquetDataset  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@ Contenders, each on the same steps (same model config and seed, same batches):
   evaluation and saving off (eval_max_samples=0, keep_latest_n_ckp=0, save_steps beyond the run). A wrapper on
   `MemoryHygiene.after_step`, the loop's last per-step hook, time-stamps every step, so a step's time covers all
   the loop does for it: reading and tokenizing data windows, building the batch, the step itself (token-summed
-  loss, gradient clipping, the rank agreement, optimizer, scheduler), the Reporter and the memory hooks.
+  loss, gradient clipping, the rank agreement, optimizer, learning rate), the Reporter and the memory hooks.
   Timing inside the running loop, rather than from metrics.jsonl's tokens_per_s, lets the contenders alternate
   in one process and leaves start-up and the end-of-run saves out exactly.
 * trainer, memory hygiene off: the same with memory_cleanup_steps=0 and memory_log_steps=0.
@@ -71,14 +71,15 @@ def parse_args():
 
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from make_big_parquet import make_big_parquet  # noqa: E402
 
 from config import T5ModelConfig, TrainConfig, with_resolved_paths  # noqa: E402
-from make_big_parquet import make_big_parquet  # noqa: E402
 from model.t5 import build_model, count_parameters  # noqa: E402
 from model.tokenizer import train_tokenizer  # noqa: E402
-from utils.memory import memory_report, release_memory  # noqa: E402
-from utils.run_setup import prepare_run  # noqa: E402
-from utils.trainer import train_loop  # noqa: E402
+from training.loop import fit  # noqa: E402
+from training.memory import memory_report, release_memory  # noqa: E402
+from training.run import build_run  # noqa: E402
+from training.runtime import build_accelerator, start_processes  # noqa: E402
 
 
 class StepClock:
@@ -102,7 +103,8 @@ def build_trainer(args, scratch: Path, tokenizer_dir: Path):
         dataloader_buffer_size=args.buffer_size, epochs=1, eval_max_samples=0, keep_latest_n_ckp=0,
         save_steps=10**9, mixed_precision="no", num_workers=0))
     model_cfg = T5ModelConfig(**TINY_MODEL)
-    run = prepare_run(cfg, model_cfg)
+    runtime = start_processes(cfg)[1]
+    run = build_run(cfg, model_cfg, build_accelerator(cfg, runtime), runtime)
     # The loop's INFO lines still go to the log file; on the console they would bury the figures.
     for handler in logging.getLogger("trainer").handlers:
         if type(handler) is logging.StreamHandler:
@@ -117,7 +119,7 @@ def trainer_round(run, clock: StepClock, start, steps: int, hygiene: tuple) -> f
     run.memory.cleanup_steps, run.memory.log_steps = hygiene
     run.cfg.max_steps = start.global_step + 1 + steps
     clock.stamps.clear()
-    train_loop(run)
+    fit(run)
     assert len(clock.stamps) == steps + 1, f"{len(clock.stamps)} steps ran, expected {steps + 1}"
     return (clock.stamps[-1] - clock.stamps[0]) / steps
 
@@ -128,8 +130,8 @@ def bare_round(model, optimizer, bundles: list, clip: bool) -> float:
     for index, bundle in enumerate(bundles):
         if index == 1:
             started = time.perf_counter()
-        for batch in bundle["micro_batches"]:
-            model(**batch).loss.backward()
+        for batch in bundle.micro_batches:
+            model(**batch.as_dict()).loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -162,27 +164,26 @@ def profile(run, clock, start, steps, hygiene, bare_model, bare_optimizer, bundl
     trainer_round(run, clock, start, steps, hygiene)
     profiler.disable()
     stats = pstats.Stats(profiler)
-    loop, _ = cumulative(stats, "utils/trainer.py", "train_loop")
+    loop, _ = cumulative(stats, "training/loop.py", "fit")
     print(f"\nprofile of one trainer round ({steps + 1} steps; inclusive seconds, share of train_loop):")
-    parts = [("StepRunner.run (whole step)", "utils/step.py", "run"),
-             ("  forward + token loss", "utils/step.py", "forward"),
+    parts = [("StepRunner.run (whole step)", "training/step.py", "run"),
+             ("  forward + token loss", "training/step.py", "forward"),
              ("  accelerator.backward", "accelerate/accelerator.py", "backward"),
              ("  clip_grad_norm_", "accelerate/accelerator.py", "clip_grad_norm_"),
              ("  optimizer.step (Accelerate wrapper)", "accelerate/optimizer.py", "step"),
              ("  optimizer.zero_grad", "accelerate/optimizer.py", "zero_grad"),
-             ("  scheduler.step", "accelerate/scheduler.py", "step"),
              ("  accelerator.reduce", "accelerate/accelerator.py", "reduce"),
              ("  accelerator.accumulate (enter/exit)", "contextlib.py", "__enter__"),
-             ("  rng_snapshot", "utils/step.py", "rng_snapshot"),
+             ("  rng_snapshot", "training/step.py", "rng_snapshot"),
              ("data: DataLoader __next__", "torch/utils/data/dataloader.py", "__next__"),
              ("  window read + tokenize", "model/dataset.py", "_window"),
              ("  step batch build", "model/dataset.py", "_build_step"),
-             ("Reporter.after_step", "utils/trainer.py", "after_step"),
-             ("MemoryHygiene.after_step", "utils/memory.py", "after_step"),
-             ("  release_memory", "utils/memory.py", "release_memory"),
-             ("  memory_report", "utils/memory.py", "memory_report"),
-             ("Checkpointer.due", "utils/checkpoint.py", "due"),
-             ("finish (end-of-round save, untimed)", "utils/trainer.py", "finish")]
+             ("Reporter.after_step", "training/reporting.py", "after_step"),
+             ("MemoryHygiene.after_step", "training/memory.py", "after_step"),
+             ("  release_memory", "training/memory.py", "release_memory"),
+             ("  memory_report", "training/memory.py", "memory_report"),
+             ("Checkpointer.due", "training/checkpoint.py", "due"),
+             ("finish (end-of-round save, untimed)", "training/loop.py", "finish")]
     for label, path_end, name in parts:
         seconds, calls = cumulative(stats, path_end, name)
         if calls:
@@ -221,7 +222,7 @@ def main() -> None:
         unfrozen_release = time_calls(release_memory, 5)[1]
         # Warm-up, untimed: steps [0, first) through the real loop, leaving the state at the range's start.
         run.cfg.max_steps = first
-        train_loop(run)
+        fit(run)
         start = dataclasses.replace(run.state)
 
         # The same steps' batches for the bare loops, from the run's own feed (a copy of the state).

@@ -4,8 +4,8 @@
 
 What runs: `T5ModelConfig()` defaults (d_model 768, 10 + 10 layers) with a 32,000-token vocabulary (a stand-in
 for the tokenizer gives `build_model` its size and special ids, so no tokenizer is trained), the trainer's own
-step (`utils.step.StepRunner`: token-summed loss, clipping at 1.0, the trainer's AdamW and schedule) under the
-Accelerator that `utils.runtime.start` builds for the large config (bf16 autocast with fp32 weights where the GPU
+step (`training.step.StepRunner`: token-summed loss, clipping at 1.0, the trainer's optimizer) under the
+Accelerator that `training.runtime.build_accelerator` builds for the large config (bf16 autocast with fp32 weights where the GPU
 has native bf16). Each step is one micro-batch of `batch` rows of random token ids at full length, 192 prompt +
 192 response tokens (no padding: the worst case), pre-built in pinned memory; data loading is not measured here.
 
@@ -43,17 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accelerate.utils import set_seed  # noqa: E402
 
 from config import T5ModelConfig, TrainConfigPretrainLarge  # noqa: E402
+from model.dataset import MicroBatch, StepBatch  # noqa: E402
 from model.t5 import StandInTokenizer, build_model, count_parameters  # noqa: E402
-from utils.memory import freeze_startup_objects, release_memory  # noqa: E402
-from utils.optim import build_optimizer, build_scheduler  # noqa: E402
-from utils.runtime import start  # noqa: E402
-from utils.step import StepRunner  # noqa: E402
+from training.memory import freeze_startup_objects, release_memory  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.runtime import build_accelerator, start_processes  # noqa: E402
+from training.step import StepRunner  # noqa: E402
 
 GIB = 1024**3
 FIT_BYTES = 20 * GIB
 # Dense bf16 tensor-core peak in TFLOPS (with fp32 accumulation), by device name; the first match wins.
 PEAK_BF16_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5),
                     ("H100", 989.4), ("A100", 312.0), ("RTX 4090", 165.2), ("RTX 3080", 59.5)]
+LEARNING_RATE = 1e-4  # a constant rate: the schedule costs nothing and changes no timing
 SMOKE_MODEL = dict(d_model=64, d_ff=256, num_heads=4, d_kv=16, num_layers=2, num_decoder_layers=2)
 
 
@@ -91,15 +93,14 @@ def stack_parameters(model) -> tuple[int, int, int]:
     return body(model.encoder), body(model.decoder), embedding
 
 
-def make_bundle(args, batch: int, pin: bool) -> dict:
+def make_bundle(args, batch: int, pin: bool) -> StepBatch:
     """One optimizer step of full-length random rows, as the DataFeed yields them."""
     generator = torch.Generator().manual_seed(batch)
-    tensors = {"input_ids": torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=generator),
-               "attention_mask": torch.ones(batch, args.prompt_len, dtype=torch.long),
-               "labels": torch.randint(3, args.vocab_size, (batch, args.response_len), generator=generator)}
-    if pin:
-        tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return {"micro_batches": [tensors], "step_tokens": batch * args.response_len}
+    rows = MicroBatch(torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=generator),
+                      torch.ones(batch, args.prompt_len, dtype=torch.long),
+                      torch.randint(3, args.vocab_size, (batch, args.response_len), generator=generator))
+    step = StepBatch([rows], epoch=0, end_sample=batch, step_tokens=batch * args.response_len, skipped=0)
+    return step.pin_memory() if pin else step
 
 
 def synchronize() -> None:
@@ -116,7 +117,7 @@ def run_steps(stepper, bundle, steps: int, cleanup_every: int = 0) -> float | No
     synchronize()
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        if stepper.run(bundle, False).out_of_memory:
+        if stepper.run(bundle, LEARNING_RATE, False).out_of_memory:
             return None
         if cleanup_every and step % cleanup_every == cleanup_every // 2:
             release_memory()
@@ -192,17 +193,16 @@ def main() -> None:
         print("SMOKE TEST ON CPU (no CUDA device): tiny model, fp32, a few steps. These are NOT GPU figures; "
               "run this script on the GPU machine for the real ones.\n")
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as scratch:
-        cfg = TrainConfigPretrainLarge(output_dir=scratch, mixed_precision="bf16")
-        accelerator, runtime = start(cfg, 1)
+        cfg = TrainConfigPretrainLarge(output_dir=scratch, mixed_precision="bf16", gradient_accumulation_steps=1)
+        runtime = start_processes(cfg)[1]
+        accelerator = build_accelerator(cfg, runtime)
         model_cfg = T5ModelConfig() if cuda else T5ModelConfig(**SMOKE_MODEL)
         set_seed(cfg.seed)
         model = build_model(model_cfg, StandInTokenizer(args.vocab_size))
         encoder, decoder, embedding = stack_parameters(model)
         parameters = count_parameters(model)
-        optimizer = build_optimizer(model, cfg.learn_rate, cfg.weight_decay)
-        scheduler = build_scheduler(optimizer, cfg.warmup_steps, 10**6)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        stepper = StepRunner(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.weight_decay))
+        stepper = StepRunner(accelerator, model, optimizer, cfg.max_grad_norm)
         freeze_startup_objects()  # as train_loop does before its first step
 
         name = torch.cuda.get_device_name() if cuda else "CPU"

@@ -13,10 +13,9 @@ the stream without reading what comes before it:
 A position is therefore one number (the stream position of the next step), and resuming reads one window.
 """
 
-import glob
 import itertools
 import math
-import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -26,62 +25,66 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import IterableDataset, get_worker_info
 
+from model.parquet import TEXT_COLUMNS as COLUMNS
+from model.parquet import expand_paths, open_parquet, read_batches, read_footer
 from utils.errors import UnreadableData, UserError
 
-COLUMNS, LABEL_PAD = ("prompt", "response"), -100
+LABEL_PAD = -100
 # Chunks of the prompt-length order, in global batches, re-sorted by response length (best of 2-32 tried).
 _RESPONSE_SORT_CHUNK_BATCHES = 8
 _TOKENIZE_SLICE = 512  # texts per tokenizer call
-_READ_BATCH_ROWS, _READ_BUFFER_BYTES = 1024, 1 << 20
 # One fixed schema for windows, so files that store `large_string` concatenate with files storing `string`.
 _WINDOW_SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
 
 
-def expand_paths(files) -> list[str]:
-    """A path, a glob, or a list of either → the list of paths, in a stable order."""
-    patterns = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    if not patterns:
-        raise UserError("no training files given")
-    paths = []
-    for pattern in map(os.fspath, patterns):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"{pattern}: no file matches this pattern")
-        paths.extend(matches)
-    return paths
+def global_batch_size(batch_size: int, world_size: int, gradient_accumulation_steps: int) -> int:
+    """Rows of one optimizer step over all ranks: the unit the data order and the schedule are made of."""
+    return batch_size * world_size * gradient_accumulation_steps
 
 
-def _row_group_has_usable_rows(row_group, column_positions) -> bool:
-    """False only when the footer statistics prove every prompt, or every response, is null or empty."""
-    for stats in (row_group.column(position).statistics for position in column_positions):
-        # All values null, or the largest string "" (so every non-null value is ""): nothing to train on.
-        if stats is not None and ((stats.has_null_count and stats.null_count >= row_group.num_rows)
-                                  or (stats.has_min_max and stats.max in ("", b""))):
-            return False
-    return True
+def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+    return math.ceil(num_rows / global_batch)
 
 
-def read_footer(path: str) -> np.ndarray:
-    """Validate one file from its footer alone; return the row count of each of its row groups."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory, expected a parquet file")
-    try:
-        metadata = pq.ParquetFile(path).metadata
-        schema = metadata.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as error:
-        raise UserError(f"{path}: not a readable parquet file ({error})") from None
-    for name in COLUMNS:
-        if name not in schema.names:
-            raise UserError(f"{path}: missing column '{name}' (columns: {', '.join(schema.names)})")
-        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
-            raise UserError(f"{path}: column '{name}' must hold strings, found {schema.field(name).type}")
-    positions = [metadata.schema.names.index(name) for name in COLUMNS]
-    row_groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
-    if metadata.num_rows > 0 and not any(_row_group_has_usable_rows(rg, positions) for rg in row_groups):
-        raise UserError(f"{path}: no usable rows (every prompt or every response is null or empty)")
-    return np.array([rg.num_rows for rg in row_groups], dtype=np.int64)
+@dataclass
+class MicroBatch:
+    """One rank's rows of one micro-step, padded: pad in `input_ids`, -100 in `labels`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "MicroBatch":
+        return MicroBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    def pin_memory(self) -> "MicroBatch":  # DataLoader(pin_memory=True) calls this
+        return MicroBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def real_tokens(self) -> int:
+        """Prompt and response tokens, padding not counted."""
+        return int(self.attention_mask.sum()) + int((self.labels != LABEL_PAD).sum())
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of one optimizer step, and what the step means for the whole run."""
+
+    micro_batches: list
+    epoch: int
+    end_sample: int
+    """Global samples of the epoch consumed once this step is done: the position to resume from."""
+    step_tokens: int
+    """Response tokens of the whole global batch (all ranks): the loss's denominator."""
+    skipped: int
+    """Rows of the global batch dropped for an empty prompt or response."""
+
+    def pin_memory(self) -> "StepBatch":
+        return StepBatch([batch.pin_memory() for batch in self.micro_batches], self.epoch, self.end_sample,
+                         self.step_tokens, self.skipped)
 
 
 def _length_grouping_order(prompt_len, response_len, rng, group_size: int, head: int) -> np.ndarray:
@@ -108,11 +111,10 @@ class _RowGroupStream:
     """Reads one row group front to back in small batches, so consecutive windows that share a row group
     decode it once, and one far larger than a window never sits in memory whole."""
 
-    def __init__(self, parquet: pq.ParquetFile, index: int, global_rg: int):
+    def __init__(self, parquet: pq.ParquetFile, path: str, index: int, global_rg: int):
         self.global_rg, self.position, self._pending = global_rg, 0, None  # position: row of _pending's start
         # One thread: batches decode in milliseconds, and each Arrow thread keeps its own allocator cache.
-        self._batches = parquet.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[index], columns=list(COLUMNS),
-                                             use_threads=False)
+        self._batches = read_batches(parquet, path, COLUMNS, row_group=index, use_threads=False)
 
     def read(self, lo: int, hi: int) -> pa.Table:
         pieces = []
@@ -188,13 +190,13 @@ class _Window:
 
 
 class LowMemParquetDataset(IterableDataset):
-    """Yields this rank's micro-batches (or, with `yield_steps=True`, one dict per optimizer step).
+    """Yields this rank's micro-batches as dicts (or, with `yield_steps=True`, one `StepBatch` per optimizer step).
 
     `set_epoch(e)` moves to the start of epoch e, unless the dataset already stands in epoch e (after
     `load_state_dict` or a finished epoch e-1): then it keeps that position, so a resumed run may call it
     unconditionally. Iterating runs to the end of the current epoch and leaves the position at the next one.
     With DataLoader workers the position advances inside the workers: take it from the step items
-    (`state_at(item["epoch"], item["end_sample"])`).
+    (`seek(step.epoch, step.end_sample, layout_size)`).
     """
 
     def __init__(self, files, tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000, seed=0, rank=0,
@@ -211,7 +213,7 @@ class LowMemParquetDataset(IterableDataset):
         self.ultra_low_mem, self.yield_steps = bool(ultra_low_mem), bool(yield_steps)
 
         self._paths = expand_paths(files)
-        rows_per_file = [read_footer(path) for path in self._paths]
+        rows_per_file = [read_footer(path).row_group_rows for path in self._paths]
         file_of = np.concatenate([np.full(len(rows), i, dtype=np.int32) for i, rows in enumerate(rows_per_file)])
         index_in_file = np.concatenate([np.arange(len(rows), dtype=np.int32) for rows in rows_per_file])
         rows = np.concatenate(rows_per_file)  # empty row groups are left out: they hold nothing to read
@@ -242,11 +244,11 @@ class LowMemParquetDataset(IterableDataset):
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size * self.gradient_accumulation_steps
+        return global_batch_size(self.batch_size, self.world_size, self.gradient_accumulation_steps)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_rows / self.global_batch_size)
+        return steps_per_epoch(self.num_rows, self.global_batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch * (1 if self.yield_steps else self.gradient_accumulation_steps)
@@ -267,6 +269,11 @@ class LowMemParquetDataset(IterableDataset):
 
     def state_dict(self) -> dict:
         return self.state_at(self._epoch, self._sample, self._micro)
+
+    def seek(self, epoch: int, sample: int, layout_size: int) -> None:
+        """Stand before the step that starts at global sample `sample` of `epoch`, whose rows were laid out for
+        global batches of `layout_size` when the epoch began (see `_window`)."""
+        self.load_state_dict({**self.state_at(epoch, sample), "layout_size": layout_size})
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_rows"] != self.num_rows:
@@ -295,9 +302,8 @@ class LowMemParquetDataset(IterableDataset):
         try:
             if self._stream is None or self._stream.global_rg != global_rg or self._stream.position > lo:
                 if path not in handles:
-                    # Buffered reads without pre-buffering: a huge row group is never loaded whole.
-                    handles[path] = pq.ParquetFile(path, buffer_size=_READ_BUFFER_BYTES, pre_buffer=False)
-                self._stream = _RowGroupStream(handles[path], index, global_rg)
+                    handles[path] = open_parquet(path)
+                self._stream = _RowGroupStream(handles[path], path, index, global_rg)
             return self._stream.read(lo, hi)
         except (pa.ArrowException, OSError) as error:
             raise UnreadableData(f"{path}: cannot read row group {index} ({error})") from None
@@ -344,7 +350,7 @@ class LowMemParquetDataset(IterableDataset):
             pieces.append(windows[w].slice(max(lo - start, 0), min(hi, start + self.buffer_size) - start))
         return pieces[0] if len(pieces) == 1 else _Window.concat(pieces)
 
-    def _build_step(self, rows: _Window, micro_steps) -> tuple[list, int, int]:
+    def _build_step(self, rows: _Window, micro_steps) -> tuple[list[MicroBatch], int, int]:
         """This rank's micro-batches `micro_steps` of one global batch, its label-token total and skipped rows."""
         kept = rows if rows.usable.all() else rows.take(np.flatnonzero(rows.usable))
         by_length = np.argsort(kept.prompts.lengths + kept.responses.lengths, kind="stable")
@@ -352,15 +358,14 @@ class LowMemParquetDataset(IterableDataset):
         batches = [self._micro_batch(kept.take(slices[m * self.world_size + self.rank])) for m in micro_steps]
         return batches, int(kept.responses.lengths.sum()), len(rows.usable) - len(kept.usable)
 
-    def _micro_batch(self, rows: _Window) -> dict:
+    def _micro_batch(self, rows: _Window) -> MicroBatch:
         if len(rows.usable) == 0:
             # A tail step with fewer rows than micro-batches: a row that trains no token keeps ranks in step.
-            return {"input_ids": torch.tensor([[self._eos_id]]), "attention_mask": torch.tensor([[1]]),
-                    "labels": torch.tensor([[LABEL_PAD]])}
+            return MicroBatch(torch.tensor([[self._eos_id]]), torch.tensor([[1]]), torch.tensor([[LABEL_PAD]]))
         input_ids, attention = rows.prompts.padded(self._pad_id)
         labels, _ = rows.responses.padded(LABEL_PAD)
-        return {"input_ids": torch.from_numpy(input_ids),
-                "attention_mask": torch.from_numpy(attention.astype(np.int64)), "labels": torch.from_numpy(labels)}
+        return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)),
+                          torch.from_numpy(labels))
 
     def __iter__(self):
         if self.yield_steps and self._micro:
@@ -385,13 +390,12 @@ class LowMemParquetDataset(IterableDataset):
             self.skipped_rows += skipped
             if self.yield_steps:
                 self._advance(epoch, hi, 0)
-                yield {"micro_batches": batches, "epoch": epoch, "end_sample": hi, "step_tokens": step_tokens,
-                       "skipped": skipped}
+                yield StepBatch(batches, epoch, hi, step_tokens, skipped)
                 continue
             for micro, batch in zip(wanted, batches):
                 last_of_step = micro + 1 == accumulation
                 self._advance(epoch, hi if last_of_step else lo, 0 if last_of_step else micro + 1)
-                yield batch
+                yield batch.as_dict()
 
     def _advance(self, epoch: int, sample: int, micro: int) -> None:
         """Record the position after the item about to be yielded, so state_dict() resumes right after it."""

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from model.parquet import TEXT_COLUMNS, open_parquet, read_batches, read_footer
+from utils.atomic import replace_directory
 from utils.errors import UserError
 
 PAD, EOS, UNK, BOS = "[PAD]", "[EOS]", "[UNK]", "[BOS]"
 SPECIAL_TOKENS = (PAD, EOS, UNK, BOS)  # ids 0..3, in this order
-TEXT_COLUMNS = ("prompt", "response")
 # BPE training memory grows with the amount of *distinct* text (byte-level words of whole Chinese clauses):
 # about 8 MB per 1,000 rows of ~250 characters on top of ~480 MB for torch, the trainer and pyarrow. 40,000
 # evenly spaced rows keep a 1M-row corpus under 1 GB, and are plenty to rank the frequent merges of a
@@ -32,9 +33,6 @@ MODEL_MAX_LENGTH = 1_000_000_000
 # The files `save_pretrained` writes; a directory holding anything else is not ours to replace.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-_READ_BATCH_ROWS = 1024
-_READ_BUFFER_BYTES = 1 << 20  # buffered column reads, so a huge row group is never loaded whole
-
 
 def _as_paths(files) -> list[Path]:
     if isinstance(files, (str, os.PathLike)):
@@ -43,20 +41,9 @@ def _as_paths(files) -> list[Path]:
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
-    if not path.is_file():
-        raise UserError(f"train file {path}: no such file")
-    try:
-        parquet = pq.ParquetFile(path, buffer_size=_READ_BUFFER_BYTES)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise UserError(f"train file {path}: not a readable parquet file ({error})") from None
-    missing = [column for column in TEXT_COLUMNS if column not in parquet.schema_arrow.names]
-    if missing:
-        raise UserError(f"train file {path}: missing column(s) {', '.join(missing)}; needs prompt and response")
-    for column in TEXT_COLUMNS:
-        kind = parquet.schema_arrow.field(column).type
-        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-            raise UserError(f"train file {path}: column '{column}' must hold strings, found {kind}")
-    return parquet
+    # Any text trains the tokenizer: a file whose prompts (or responses) are all empty still has the others.
+    read_footer(str(path), TEXT_COLUMNS, require_usable=False)
+    return open_parquet(str(path))
 
 
 class _EvenlySpacedRows:
@@ -86,19 +73,16 @@ def _texts_of_row_group(
     path: Path, parquet: pq.ParquetFile, group: int, first_row: int, sample: _EvenlySpacedRows
 ) -> Iterator[str]:
     batch_start = first_row
-    try:
-        for batch in parquet.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[group], columns=list(TEXT_COLUMNS)):
-            rows = sample.between(batch_start, batch_start + batch.num_rows)
-            batch_start += batch.num_rows
-            # Picking rows in Arrow first means unchosen texts never become Python strings.
-            chosen = batch.take(pyarrow.array(rows, type=pyarrow.int64()))
-            for prompt, response in zip(*(chosen.column(name).to_pylist() for name in TEXT_COLUMNS)):
-                if prompt:
-                    yield prompt
-                if response:
-                    yield response
-    except (pyarrow.ArrowException, OSError) as error:
-        raise UserError(f"train file {path}: cannot read row group {group} ({error})") from None
+    for batch in read_batches(parquet, str(path), TEXT_COLUMNS, row_group=group):
+        rows = sample.between(batch_start, batch_start + batch.num_rows)
+        batch_start += batch.num_rows
+        # Picking rows in Arrow first means unchosen texts never become Python strings.
+        chosen = batch.take(pyarrow.array(rows, type=pyarrow.int64()))
+        for prompt, response in zip(*(chosen.column(name).to_pylist() for name in TEXT_COLUMNS)):
+            if prompt:
+                yield prompt
+            if response:
+                yield response
 
 
 def _iter_texts(parquets: list[tuple[Path, pq.ParquetFile]], max_rows: int | None, seed: int) -> Iterator[str]:
@@ -144,18 +128,13 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 
 def _replace_directory(new_dir: Path, out_dir: Path) -> None:
     """Moves `new_dir` to `out_dir`; an existing tokenizer there is swapped out, never half-overwritten."""
-    if not out_dir.exists():
-        os.replace(new_dir, out_dir)
-        return
-    if not out_dir.is_dir():
+    if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"tokenizer_dir {out_dir}: exists and is not a directory")
-    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in TOKENIZER_FILES)
+    foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in TOKENIZER_FILES) \
+        if out_dir.exists() else []
     if foreign:
         raise UserError(f"tokenizer_dir {out_dir}: holds other files ({', '.join(foreign[:3])}); choose another")
-    old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old_dir / out_dir.name)
-    os.replace(new_dir, out_dir)
-    shutil.rmtree(old_dir)
+    replace_directory(str(new_dir), str(out_dir))
 
 
 def train_tokenizer(

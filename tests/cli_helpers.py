@@ -7,10 +7,12 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from utils.demo import write_demo_parquet
+from commands.demo import write_demo_parquet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(REPO, "train_low_mem.py")
+# The same CLI with faults patched in from outside (see tests/patched_cli.py).
+PATCHED_ENTRY = os.path.join(REPO, "tests", "patched_cli.py")
 # A model small enough for a CPU test step to take milliseconds (d_model 32, one layer each side).
 TINY_MODEL = dict(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1)
 
@@ -28,13 +30,13 @@ def as_flags(flags: dict) -> list[str]:
 
 
 def run_cli(command: str, flags: dict, nproc: int = 1, env: dict | None = None, timeout: int = 300,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, entry: str = ENTRY) -> subprocess.CompletedProcess:
     """`python train_low_mem.py COMMAND --flags` (or under torchrun with `nproc` CPU ranks, gloo)."""
     if nproc == 1:
-        launcher = [sys.executable, ENTRY]
+        launcher = [sys.executable, entry]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000), ENTRY]
+                    "--master_port", str(29500 + os.getpid() % 1000), entry]
     result = subprocess.run(launcher + [command] + as_flags(flags), capture_output=True, text=True,
                             cwd=REPO, env=child_env(ACCELERATE_USE_CPU="true", **(env or {})), timeout=timeout)
     if check and result.returncode != 0:
@@ -43,10 +45,11 @@ def run_cli(command: str, flags: dict, nproc: int = 1, env: dict | None = None, 
     return result
 
 
-def run_cli_raw(argv: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+def run_cli_raw(argv: list[str], timeout: int = 120, entry: str = ENTRY, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
     """The CLI exactly as typed: `python train_low_mem.py ARGV...`."""
-    return subprocess.run([sys.executable, ENTRY] + argv, capture_output=True, text=True, cwd=REPO,
-                          env=child_env(), timeout=timeout)
+    return subprocess.run([sys.executable, entry] + argv, capture_output=True, text=True, cwd=REPO,
+                          env=child_env(**(env or {})), timeout=timeout)
 
 
 def make_task_data(directory, train_rows: int = 256, valid_rows: int = 32) -> dict:

@@ -76,8 +76,8 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def task_tokenizer_dir(tmp_path_factory) -> str:
     """A tokenizer for the learnable demo task (copy / reverse / double Chinese phrases) used by training tests."""
+    from commands.demo import write_demo_parquet
     from model.tokenizer import train_tokenizer
-    from utils.demo import write_demo_parquet
 
     directory = tmp_path_factory.mktemp("task_tokenizer")
     corpus = write_demo_parquet(str(directory / "corpus.parquet"), 2000, seed=0)

@@ -2,16 +2,29 @@
 import dataclasses
 import typing
 
-import fire
 import pytest
+from conftest import tiny_corpus_rows, write_parquet
 
 import train_low_mem
-import utils.trainer
-from config import (ConfigChoice, DemoFlags, EvaluateFlags, GenerateFlags, PlanFlags, PlotFlags, T5ModelConfig,
-                    T5ModelConfigDemo, TokenizerFlags, TrainConfig, TrainConfigDemo, TrainConfigPretrainLarge)
-from conftest import tiny_corpus_rows, write_parquet
-from tests.cli_helpers import run_cli_raw
-from utils.flags import field_docs
+import training.loop
+from commands.cli import main
+from commands.flags import field_docs, field_metadata
+from config import (
+    ConfigChoice,
+    DemoFlags,
+    EvaluateFlags,
+    GenerateFlags,
+    PlanFlags,
+    PlotFlags,
+    T5ModelConfig,
+    T5ModelConfigDemo,
+    TokenizerFlags,
+    TrainConfig,
+    TrainConfigDemo,
+    TrainConfigPretrainLarge,
+)
+from tests.cli_helpers import PATCHED_ENTRY, run_cli_raw
+from tests.patched_cli import ECHO_FLAGS
 
 CONTRACT_LARGE = dict(batch_size_per_gpu=32, gradient_accumulation_steps=2, max_seq_len=192,
                       dataloader_buffer_size=5000, epochs=3, save_steps=5000, logging_steps=100, learn_rate=1e-4,
@@ -35,18 +48,18 @@ CONTRACT_SHARED_FIELDS = ("tokenizer_dir", "max_grad_norm", "seed", "ultra_low_m
 
 
 def parse_train(argv: list[str]):
-    """Run the real Fire entry point for `train`, capturing the configs instead of training."""
+    """Run the real entry point (`main`, through Fire) for `train`, capturing the configs instead of training."""
     captured = {}
 
     def capture(cfg, model_cfg):
         captured.update(cfg=cfg, model_cfg=model_cfg)
 
-    original = utils.trainer.run_training
-    utils.trainer.run_training = capture
+    original = training.loop.run_training
+    training.loop.run_training = capture
     try:
-        fire.Fire({"train": train_low_mem.train}, command=["train"] + argv)
+        main(train_low_mem.COMMANDS, ["train"] + argv)
     finally:
-        utils.trainer.run_training = original
+        training.loop.run_training = original
     return captured["cfg"], captured["model_cfg"]
 
 
@@ -108,9 +121,14 @@ def test_every_field_has_help_text():
 @pytest.mark.parametrize("variant,base", [(TrainConfigPretrainLarge, TrainConfig), (TrainConfigDemo, TrainConfig),
                                           (T5ModelConfigDemo, T5ModelConfig)])
 def test_configs_with_other_defaults_keep_the_bounds_and_types_of_their_base(variant, base):
-    bounds = {f.name: dict(f.metadata) for f in dataclasses.fields(base)}
-    assert {f.name: dict(f.metadata) for f in dataclasses.fields(variant)} == bounds
+    bounds = {f.name: field_metadata(base, f.name) for f in dataclasses.fields(base)}
+    assert {f.name: field_metadata(variant, f.name) for f in dataclasses.fields(variant)} == bounds
     assert typing.get_type_hints(variant) == typing.get_type_hints(base)
+    # The variant only changes defaults: bounds are declared once, on the base.
+    base_defaults = base()
+    for field in dataclasses.fields(variant):
+        if getattr(variant(), field.name) != getattr(base_defaults, field.name):
+            assert not field.metadata, f"{variant.__name__}.{field.name} declares its bounds again"
 
 
 @pytest.mark.parametrize("flag,fragments", [
@@ -206,8 +224,11 @@ def test_text_flags_arrive_exactly_as_typed(tmp_path, typed):
     path = f"{tmp_path}/{typed}"
     result = run_cli_raw(["plot", f"--output_dir={path}"])
     assert result.returncode == 2 and result.stderr.startswith(f"error: --output_dir={path}: no metrics.jsonl")
-    prompt = run_cli_raw(["generate", f"--model_dir={tmp_path}", f"--prompt={typed}"])
-    assert prompt.returncode == 2 and len(prompt.stderr.splitlines()) == 1 and "--model_dir" in prompt.stderr
+    # `generate` receives the prompt as typed (patched to print its flags instead of loading a model).
+    prompt = run_cli_raw(["generate", f"--model_dir={tmp_path}", f"--prompt={typed}"], entry=PATCHED_ENTRY,
+                         env={ECHO_FLAGS: 1})
+    assert prompt.returncode == 0, prompt.stderr
+    assert f"prompt={typed!r}" in prompt.stdout
 
 
 def test_help_without_a_command_lists_every_command():

@@ -57,6 +57,11 @@ def keys_of(batch, tokenizer):
     return [text[1:].split("：")[0] for text in tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)]
 
 
+def micro_batches(step) -> list[dict]:
+    """A step item's micro-batches, as the dicts plain iteration yields."""
+    return [batch.as_dict() for batch in step.micro_batches]
+
+
 def same_batches(left, right):
     return len(left) == len(right) and all(
         a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(left, right))
@@ -149,13 +154,13 @@ def test_resume_on_another_world_size_continues_without_loss_or_duplication(corp
     seen = []
     for dataset in before:
         for step in itertools.islice(dataset, 5):
-            seen += [key for batch in step["micro_batches"] for key in keys_of(batch, tiny_tokenizer)]
+            seen += [key for batch in micro_batches(step) for key in keys_of(batch, tiny_tokenizer)]
     state = before[0].state_dict()
     assert state["sample"] == 5 * 8
     for rank in range(3):
         after = make(corpus, tiny_tokenizer, rank=rank, world_size=3, yield_steps=True)
         after.load_state_dict(state)
-        seen += [key for step in after for batch in step["micro_batches"] for key in keys_of(batch, tiny_tokenizer)]
+        seen += [key for step in after for batch in micro_batches(step) for key in keys_of(batch, tiny_tokenizer)]
     assert sorted(seen) == ALL_KEYS
 
 
@@ -225,10 +230,10 @@ def test_step_mode_reports_position_and_the_label_tokens_of_all_ranks(corpus, ti
     assert steps == len(per_rank[1]) == make(corpus, tiny_tokenizer, world_size=2, gradient_accumulation_steps=2,
                                              yield_steps=True).steps_per_epoch == -(-181 // 16)
     for index, (item0, item1) in enumerate(zip(*per_rank)):
-        labels = [batch["labels"] for item in (item0, item1) for batch in item["micro_batches"]]
-        assert item0["step_tokens"] == item1["step_tokens"] == sum(int((lab != -100).sum()) for lab in labels)
-        assert item0["end_sample"] == min((index + 1) * 16, 181) and item0["epoch"] == 0
-        assert len(item0["micro_batches"]) == 2
+        labels = [batch["labels"] for item in (item0, item1) for batch in micro_batches(item)]
+        assert item0.step_tokens == item1.step_tokens == sum(int((lab != -100).sum()) for lab in labels)
+        assert item0.end_sample == min((index + 1) * 16, 181) and item0.epoch == 0
+        assert len(item0.micro_batches) == 2
 
 
 def test_null_and_empty_rows_are_skipped_and_counted(tmp_path, tiny_tokenizer):
@@ -237,10 +242,10 @@ def test_null_and_empty_rows_are_skipped_and_counted(tmp_path, tiny_tokenizer):
     path = write_parquet(tmp_path / "holes.parquet", prompts, responses, row_group_size=8)
     dataset = make(path, tiny_tokenizer, yield_steps=True)
     steps = list(dataset)
-    kept = [key for step in steps for batch in step["micro_batches"] for key in keys_of(batch, tiny_tokenizer)]
+    kept = [key for step in steps for batch in micro_batches(step) for key in keys_of(batch, tiny_tokenizer)]
     usable = [f"0_{i}" for i in range(30) if i % 5 and i % 7]
     assert sorted(kept) == sorted(usable)
-    assert dataset.skipped_rows == sum(step["skipped"] for step in steps) == 30 - len(usable)
+    assert dataset.skipped_rows == sum(step.skipped for step in steps) == 30 - len(usable)
 
 
 def test_dataloader_workers_yield_the_same_sequence_as_the_main_process(corpus, tiny_tokenizer):
@@ -251,9 +256,9 @@ def test_dataloader_workers_yield_the_same_sequence_as_the_main_process(corpus, 
         in_process = list(DataLoader(dataset, batch_size=None, num_workers=0))
         with_workers = list(DataLoader(twin, batch_size=None, num_workers=2))
         if yield_steps:
-            assert [s["end_sample"] for s in in_process] == [s["end_sample"] for s in with_workers]
-            in_process = [b for s in in_process for b in s["micro_batches"]]
-            with_workers = [b for s in with_workers for b in s["micro_batches"]]
+            assert [s.end_sample for s in in_process] == [s.end_sample for s in with_workers]
+            in_process = [b for s in in_process for b in micro_batches(s)]
+            with_workers = [b for s in with_workers for b in micro_batches(s)]
         assert len(in_process) == len(dataset) * (3 if yield_steps else 1)
         assert same_batches(in_process, with_workers)
 

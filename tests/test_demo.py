@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from commands.demo import MARKER
 from tests.cli_helpers import TINY_MODEL, read_metrics, run_cli
-from utils.demo import MARKER
+
+pytestmark = pytest.mark.slow
 
 # A demo of a few seconds: a handful of rows, one epoch, the tests' tiny model.
 TINY_DEMO = dict(train_rows=64, valid_rows=16, eval_batch_size=16, epochs=1, **TINY_MODEL)

@@ -3,6 +3,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from tests.cli_helpers import REPO, child_env
 
 GIB = 1024**3
@@ -15,6 +17,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_the_gpu_bench_runs_its_smoke_version_on_a_cpu_and_says_so():
     result = subprocess.run([sys.executable, "bench/gpu_bench.py"], cwd=REPO, env=child_env(), capture_output=True,
                             text=True, timeout=300)

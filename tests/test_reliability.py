@@ -13,10 +13,24 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from tests.cli_helpers import (ENTRY, REPO, as_flags, assert_same_weights, child_env, final_weights, make_task_data,
-                               read_metrics, run_cli, tiny_run_flags)
-from utils.checkpoint import BEST_DIR, STATE_DIR, TMP_PREFIX
-from utils.step import SIMULATE_OOM_ENV, SIMULATE_OOM_IN_BACKWARD_ENV
+from tests.cli_helpers import (
+    ENTRY,
+    PATCHED_ENTRY,
+    REPO,
+    as_flags,
+    assert_same_weights,
+    child_env,
+    final_weights,
+    make_task_data,
+    read_metrics,
+    run_cli,
+    tiny_run_flags,
+)
+from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK
+from training.checkpoint import BEST_DIR, STATE_DIR
+from utils.atomic import TMP_PREFIX
+
+pytestmark = pytest.mark.slow
 
 
 def assert_user_error(result, *fragments):
@@ -145,12 +159,16 @@ def test_kill_9_at_random_instants_then_resume_ends_bitwise_identical(tmp_path, 
     data, tokenizer_dir = task
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
     rng = random.Random(seed)
-    for attempt in range(2):  # two crashes, each at a random instant once training runs (saves happen every step)
+    # Two crashes at random instants of the 32-step run (a state is saved after every step): a little after the
+    # log line of a random step, the second one later than the first so that it falls in the resumed run.
+    first = rng.randint(2, 14)
+    for attempt, step in enumerate((first, rng.randint(first + 2, 30))):
         process = start_training(dict(flags, is_keep_training=attempt > 0))
-        wait_for_line(process, " INFO step ")
-        time.sleep(rng.uniform(0.0, 1.5))
+        wait_for_line(process, f" INFO step {step}/")
+        time.sleep(rng.uniform(0.0, 0.05))
+        assert process.poll() is None, "the run ended before the kill: the test did not test anything"
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL
         process.stdout.close()
     run_cli("train", dict(flags, is_keep_training=True))
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
@@ -311,12 +329,13 @@ def test_simulated_oom_halves_the_micro_batch_and_matches_a_run_started_that_way
                                gradient_accumulation_steps=1, **common)
     halved = tiny_run_flags(tmp_path / "halved", tokenizer_dir, data, batch_size_per_gpu=4,
                             gradient_accumulation_steps=2, **common)
-    result = run_cli("train", recovered, env={SIMULATE_OOM_ENV: 5})
+    result = run_cli("train", recovered, env={OOM_FROM_ROWS: 5}, entry=PATCHED_ENTRY)
     assert "retrying with batch_size_per_gpu=4, gradient_accumulation_steps=2" in result.stdout
     run_cli("train", halved)
     assert_same_weights(final_weights(recovered["output_dir"]), final_weights(halved["output_dir"]), rtol=1e-5,
                         atol=1e-7)
-    resumed = run_cli("train", dict(recovered, is_keep_training=True, max_steps=14), env={SIMULATE_OOM_ENV: 5})
+    resumed = run_cli("train", dict(recovered, is_keep_training=True, max_steps=14), env={OOM_FROM_ROWS: 5},
+                      entry=PATCHED_ENTRY)
     assert "keeping batch_size_per_gpu=4, gradient_accumulation_steps=2" in resumed.stdout
     assert "retrying" not in resumed.stdout
 
@@ -325,7 +344,7 @@ def test_out_of_memory_at_batch_1_stops_with_advice(tmp_path, task):
     data, tokenizer_dir = task
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=2, max_steps=3, eval_max_samples=0,
                            keep_latest_n_ckp=0)
-    result = run_cli("train", flags, env={SIMULATE_OOM_ENV: 1}, check=False)
+    result = run_cli("train", flags, env={OOM_FROM_ROWS: 1}, check=False, entry=PATCHED_ENTRY)
     assert result.returncode == 1 and "--max_seq_len" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -335,7 +354,7 @@ def test_out_of_memory_inside_the_gradient_all_reduce_stops_promptly_with_the_fl
                            keep_latest_n_ckp=0)
     started = time.time()
     result = run_cli("train", flags, nproc=2, check=False, timeout=150,
-                     env={SIMULATE_OOM_ENV: 5, SIMULATE_OOM_IN_BACKWARD_ENV: 1})
+                     env={OOM_FROM_ROWS: 5, OOM_IN_BACKWARD_ON_RANK: 1}, entry=PATCHED_ENTRY)
     assert result.returncode != 0 and time.time() - started < 120  # not the 30-minute collective timeout
     assert ("error: [rank 1] out of GPU memory at step 1 with --batch_size_per_gpu=8, inside the last micro-batch's "
             "gradient all-reduce") in result.stderr
@@ -349,8 +368,8 @@ def test_checkpoints_json_holds_the_true_top_5_after_8_planted_scores(tmp_path, 
     from config import T5ModelConfig
     from model.t5 import build_model
     from model.tokenizer import load_tokenizer
-    from utils.checkpoint import BestModels
-    from utils.state import TrainingState
+    from training.best_models import BestModels
+    from training.state import TrainingState
 
     tokenizer = load_tokenizer(task_tokenizer_dir)
     model = build_model(T5ModelConfig(d_model=16, d_ff=16, num_heads=1, d_kv=8, num_layers=1,

@@ -1,14 +1,16 @@
-"""One optimizer step (utils/step.py) on its own: what an abandoned attempt leaves behind, and fp16 loss scaling."""
+"""One optimizer step (training/step.py) on its own: what an abandoned attempt leaves behind, and fp16 loss scaling."""
 import pytest
 import torch
 from accelerate import Accelerator
 
 from config import T5ModelConfig
+from model.dataset import MicroBatch, StepBatch
 from model.t5 import StandInTokenizer, build_model
-from utils.optim import build_optimizer, build_scheduler
-from utils.step import StepRunner
+from training.optim import build_optimizer
+from training.step import StepRunner
 
 VOCAB = 64
+RATE = 1e-2
 MODEL = T5ModelConfig(d_model=16, d_ff=32, num_heads=2, d_kv=8, num_layers=1, num_decoder_layers=1, dropout_rate=0.1)
 
 
@@ -23,18 +25,18 @@ def accelerator():
 def prepared_stepper(accelerator, accumulation: int = 1) -> StepRunner:
     torch.manual_seed(0)
     model = build_model(MODEL, StandInTokenizer(VOCAB))
-    optimizer = build_optimizer(model, 1e-2, 0.01)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, build_scheduler(optimizer, 0, 100))
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, 0.01))
     accelerator.gradient_accumulation_steps = accumulation
-    return StepRunner(accelerator, model, optimizer, scheduler, max_grad_norm=1.0)
+    return StepRunner(accelerator, model, optimizer, max_grad_norm=1.0)
 
 
-def step_of(micro_batches: int, rows: int = 2, length: int = 6) -> dict:
+def step_of(micro_batches: int, rows: int = 2, length: int = 6) -> StepBatch:
     generator = torch.Generator().manual_seed(micro_batches)
-    batches = [{"input_ids": torch.randint(4, VOCAB, (rows, length), generator=generator),
-                "attention_mask": torch.ones(rows, length, dtype=torch.long),
-                "labels": torch.randint(4, VOCAB, (rows, length), generator=generator)} for _ in range(micro_batches)]
-    return {"micro_batches": batches, "step_tokens": micro_batches * rows * length}
+    batches = [MicroBatch(torch.randint(4, VOCAB, (rows, length), generator=generator),
+                          torch.ones(rows, length, dtype=torch.long),
+                          torch.randint(4, VOCAB, (rows, length), generator=generator)) for _ in range(micro_batches)]
+    return StepBatch(batches, epoch=0, end_sample=micro_batches * rows, step_tokens=micro_batches * rows * length,
+                     skipped=0)
 
 
 def weights(stepper: StepRunner) -> dict:
@@ -51,13 +53,13 @@ def test_an_out_of_memory_in_the_middle_of_accumulation_leaves_no_gradient_behin
         return (None, True) if len(calls) == 3 else clean_forward(batch)
 
     stepper.forward = out_of_memory_on_the_third_micro_batch
-    assert stepper.run(bundle, False).out_of_memory
+    assert stepper.run(bundle, RATE, False).out_of_memory
     assert all(p.grad is None for p in stepper.model.parameters())
     stepper.forward = clean_forward
-    retried = stepper.run(bundle, False)
+    retried = stepper.run(bundle, RATE, False)
 
     reference = prepared_stepper(accelerator, accumulation=4)
-    once = reference.run(bundle, False)
+    once = reference.run(bundle, RATE, False)
     assert retried.loss == once.loss and retried.grad_norm == once.grad_norm
     for name, value in weights(stepper).items():
         assert torch.equal(value, weights(reference)[name]), name
@@ -71,7 +73,7 @@ def test_fp16_overflow_steps_are_skipped_by_the_loss_scaler_and_training_goes_on
     monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
     stepper = prepared_stepper(accelerator)
     before = weights(stepper)
-    outcomes = [stepper.run(step_of(1), False) for _ in range(3)]
+    outcomes = [stepper.run(step_of(1), RATE, False) for _ in range(3)]
     assert [outcome.finite for outcome in outcomes] == [False, True, True]
     assert accelerator.scaler.get_scale() == 2.0**7  # the scaler saw the overflow and lowered its scale
     assert any(not torch.equal(value, before[name]) for name, value in weights(stepper).items())

@@ -1,8 +1,9 @@
-"""Turn Fire's keyword arguments into checked dataclasses: the configs of a run and the flags of a command.
+"""Turn a command's flags into checked dataclasses: the configs of a run and the flags of a command.
 
-Fire's parsing is untrusted: it turns `false` into the string 'false', `1,2` into a tuple and `5.0` into a float.
-Every value is converted against its field's declared type here, every problem is collected, and the caller gets
-either valid dataclasses or one `UserErrors` listing each bad flag by name.
+Fire hands every value over as the text the user typed (see `commands.cli`). Each is converted against its
+field's declared type here, every problem is collected, and the caller gets either valid dataclasses or one
+`UserErrors` listing each bad flag by name. Bounds (`config.bounded`) are declared once, on the class that
+introduces a field; a subclass that only changes the default inherits them.
 """
 import ast
 import dataclasses
@@ -64,11 +65,8 @@ def to_float(value) -> float:
 
 
 def to_str(value) -> str:
-    # `--train_file=a.parquet,b.parquet` may reach us as a tuple; paths and tracker lists are comma-joined text.
-    if isinstance(value, (tuple, list)):
-        return ",".join(to_str(item) for item in value)
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, str):
+        return value
     raise FlagProblem("is not text")
 
 
@@ -101,6 +99,15 @@ def field_types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def field_metadata(cls, name: str) -> dict:
+    """A field's bounds and flags, from the first class along the MRO that declares them."""
+    for klass in cls.__mro__:
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and declared.metadata:
+            return dict(declared.metadata)
+    return {}
+
+
 def check_bounds(name: str, value, metadata) -> str | None:
     low, high = metadata.get("min"), metadata.get("max")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -118,9 +125,8 @@ def closest(name: str, choices) -> str | None:
     return guesses[0] if guesses else None
 
 
-def build(classes: list, flags: dict, text: dict | None = None) -> list:
+def build(classes: list, flags: dict) -> list:
     """Fill one instance of each dataclass in `classes` from `flags`: the command's flags are their fields.
-    A field of type `str` takes its value from `text` (the flags as typed) where it is there.
 
     Returns the instances, or raises UserErrors naming every bad flag: unknown (with the closest of all the
     classes' fields), of the wrong type, out of bounds, or required and missing.
@@ -135,7 +141,6 @@ def build(classes: list, flags: dict, text: dict | None = None) -> list:
             continue
         given.add(name)
         annotation = field_types(owners[name])[name]
-        raw = (text or {}).get(name, raw) if annotation is str else raw
         try:
             values[owners[name]][name] = convert(raw, annotation)
         except FlagProblem as problem:
@@ -143,22 +148,17 @@ def build(classes: list, flags: dict, text: dict | None = None) -> list:
     instances = []
     for cls in classes:
         for f in dataclasses.fields(cls):
-            if f.metadata.get("required") and f.name not in given:
+            metadata = field_metadata(cls, f.name)
+            if metadata.get("required") and f.name not in given:
                 problems.append(f"--{f.name} is required (see --help)")
             elif f.name in values[cls]:
-                problem = check_bounds(f.name, values[cls][f.name], f.metadata)
+                problem = check_bounds(f.name, values[cls][f.name], metadata)
                 if problem:
                     problems.append(problem)
         instances.append(cls(**values[cls]))
     if problems:
         raise UserErrors(problems)
     return instances
-
-
-def changed_fields(instance, default=None) -> dict:
-    """The fields whose value differs from `default` (the class default): what the user changed."""
-    default = default or type(instance)()
-    return {k: v for k, v in dataclasses.asdict(instance).items() if getattr(default, k) != v}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -180,6 +180,6 @@ def help_text(classes: list) -> str:
         lines.append(f"{cls.__name__}: {' '.join(cls.__doc__.split())}")
         docs, default = field_docs(cls), cls()
         for f in dataclasses.fields(cls):
-            value = " (required)" if f.metadata.get("required") else f"={getattr(default, f.name)!r}"
+            value = " (required)" if field_metadata(cls, f.name).get("required") else f"={getattr(default, f.name)!r}"
             lines.append(f"  --{f.name}{value}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)

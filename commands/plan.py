@@ -2,10 +2,9 @@
 
 Every train and model flag works here as in `train`. Rows come from the parquet footers of `train_file`, or from
 `--num_samples` (then the file need not exist yet). Memory and disk are in GiB (2^30 bytes: a "20 GB" card holds
-20 GiB). How each figure is worked out is said next to it in the table and in `utils.memory_estimate`.
+20 GiB). How each figure is worked out is said next to it in the table and in `commands.plan_memory`.
 """
 import json
-import math
 import shutil
 
 from config import PlanFlags, with_resolved_paths
@@ -28,7 +27,7 @@ STATE_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 12, 4
 
 
 def training_rows(cfg, num_samples: int) -> tuple[int, str]:
-    from utils.preflight import file_rows
+    from training.preflight import file_rows
 
     if num_samples:
         return num_samples, "--num_samples"
@@ -44,26 +43,23 @@ def training_rows(cfg, num_samples: int) -> tuple[int, str]:
 
 def stored_row_bytes(train_file: str) -> float | None:
     """Uncompressed bytes per row from the parquet footers (about the size of the rows in Arrow), if readable."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from config import split_paths
+    from model.parquet import expand_paths, read_footer
 
-    from model.dataset import expand_paths
-
-    total_bytes = total_rows = 0
     try:
-        for path in expand_paths([p.strip() for p in train_file.split(",")]):
-            metadata = pq.ParquetFile(path).metadata
-            total_rows += metadata.num_rows
-            total_bytes += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    except (UserError, OSError, pa.ArrowException):
+        footers = [read_footer(path) for path in expand_paths(split_paths(train_file))]
+    except UserError:
         return None
-    return total_bytes / total_rows if total_rows else None
+    rows = sum(footer.num_rows for footer in footers)
+    return sum(footer.uncompressed_bytes for footer in footers) / rows if rows else None
 
 
 def schedule(cfg, rows: int, num_processes: int) -> dict:
-    """Optimizer steps and the events the trainer ties to them (see `utils.trainer.train_loop`)."""
-    global_batch = cfg.batch_size_per_gpu * num_processes * cfg.gradient_accumulation_steps
-    per_epoch = math.ceil(rows / global_batch)
+    """Optimizer steps and the events the trainer ties to them (see `training.loop.fit`)."""
+    from model.dataset import global_batch_size, steps_per_epoch
+
+    global_batch = global_batch_size(cfg.batch_size_per_gpu, num_processes, cfg.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(rows, global_batch)
     schedule_steps = cfg.epochs * per_epoch  # the learning-rate schedule's length; max_steps never changes it
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     # Evaluation and save at every save_steps, and at each epoch end unless one just happened at that step.
@@ -77,7 +73,7 @@ def schedule(cfg, rows: int, num_processes: int) -> dict:
 
 
 def vocabulary(cfg) -> tuple[int, str]:
-    from utils.preflight import check_tokenizer
+    from training.preflight import check_tokenizer
 
     problems = []
     size = check_tokenizer(cfg, problems)
@@ -90,7 +86,7 @@ def vocabulary(cfg) -> tuple[int, str]:
 
 def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool, notes: list):
     """Activation bytes of the configured micro-batch, how they were found, and the analytic model for what-ifs."""
-    from utils.memory_estimate import AnalyticActivations, ProbedActivations
+    from commands.plan_memory import AnalyticActivations, ProbedActivations
 
     analytic = AnalyticActivations(model_cfg, vocab, cfg.mixed_precision, parameters)
     if probe:
@@ -103,7 +99,7 @@ def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool
 
 
 def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, probe: bool, notes: list) -> dict:
-    from utils.memory_estimate import gpu_memory
+    from commands.plan_memory import gpu_memory
 
     activations, method, analytic = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes)
     rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
@@ -137,11 +133,11 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, pr
 def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
     import psutil
 
-    from utils.runtime import LOW_RAM_BYTES
+    from training.runtime import LOW_RAM_BYTES
 
     window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * 2 * cfg.max_seq_len * TOKEN_ID_BYTES)
     workers, ram = cfg.num_workers, psutil.virtual_memory().total
-    if workers == "auto":  # as the trainer decides on a GPU machine (utils.runtime.decide), from this one's RAM
+    if workers == "auto":  # as the trainer decides on a GPU machine (training.runtime.decide), from this one's RAM
         workers = 0 if ram < LOW_RAM_BYTES else 2
     parts = {
         "libraries": psutil.Process().memory_info().rss,
@@ -155,7 +151,7 @@ def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
 
 
 def disk_plan(cfg, parameters: int) -> dict:
-    from utils.preflight import nearest_existing
+    from training.preflight import nearest_existing
 
     model = MODEL_BYTES_PER_PARAMETER * parameters
     parts = {"best_models": cfg.keep_latest_n_ckp * model, "final": model,

@@ -2,13 +2,11 @@
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 
-from utils.errors import UnreadableData
+from model.loss import padded, token_loss_sum
+from model.parquet import first_usable_rows
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -23,42 +21,6 @@ class EvalResult:
     examples: list  # (prompt, reference, generation) triples
 
 
-def read_rows(path: str, max_rows: int) -> tuple[list[str], list[str]]:
-    """The first `max_rows` rows with a non-empty prompt and response, read one record batch at a time."""
-    prompts, responses = [], []
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["prompt", "response"])
-        for batch in batches:
-            for prompt, response in zip(*(batch.column(i).to_pylist() for i in range(2))):
-                if prompt and response:
-                    prompts.append(prompt)
-                    responses.append(response)
-                    if len(prompts) == max_rows:
-                        return prompts, responses
-    except (OSError, ValueError, KeyError) as error:
-        raise UnreadableData(f"cannot read {path}: {error}") from None
-    return prompts, responses
-
-
-def padded(sequences: list[list[int]], pad: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    out = np.full((len(sequences), width), pad, dtype=np.int64)
-    for row, sequence in enumerate(sequences):
-        out[row, : len(sequence)] = sequence
-    return torch.from_numpy(out)
-
-
-def token_loss_sum(model, input_ids, attention_mask, labels, bare_model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy and the number of target tokens: the quantities that add up across batches.
-
-    `bare_model` is the unwrapped model when `model` is a DDP wrapper (which lacks the label-shifting helper).
-    """
-    decoder_input_ids = (bare_model or model).prepare_decoder_input_ids_from_labels(labels=labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
-
-
 class Evaluator:
     """Scores a model on the first `max_samples` usable rows of a parquet file; rank r takes rows r, r+W, ..."""
 
@@ -67,7 +29,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        prompts, responses = read_rows(path, max_samples) if max_samples else ([], [])
+        prompts, responses = first_usable_rows(path, max_samples) if max_samples else ([], [])
         self.total = len(prompts)
         rank, world = accelerator.process_index, accelerator.num_processes
         self.prompts, self.references = prompts[rank::world], responses[rank::world]

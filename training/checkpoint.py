@@ -1,7 +1,8 @@
-"""Resumable state, the best-k models and `final/`, all written so that a crash at any instant loses nothing.
+"""Resumable state and `final/`, written so that a crash at any instant loses nothing (best models: see
+`training.best_models`).
 
 Layout under `output_dir`:
-    state/step-00001234/   Accelerate's save_state (model, optimizer, scheduler, every rank's RNG, TrainingState)
+    state/step-00001234/   Accelerate's save_state (model, optimizer, every rank's RNG states, TrainingState)
                            plus run.json and the COMPLETE marker, written last
     best/step-00001234/    Hugging Face model + tokenizer, the top `keep_latest_n_ckp` by BLEU-4
     checkpoints.json       {"best": [...]}, best first
@@ -17,53 +18,12 @@ import logging
 import os
 import shutil
 
-from utils.runtime import decided_by_main
+from utils.atomic import TMP_PREFIX, fsync_tree, replace_directory
+from utils.distributed import decided_by_main
 
 STATE_DIR, BEST_DIR, FINAL_DIR = "state", "best", "final"
 COMPLETE_MARKER = "COMPLETE"
-TMP_PREFIX = "tmp-"
 log = logging.getLogger("trainer")
-
-
-def fsync_tree(path: str) -> None:
-    """Flush every file and directory under `path` to disk, so a rename after it publishes complete data."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(root)
-
-
-def fsync_dir(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_json_atomically(path: str, payload) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(payload, out, ensure_ascii=False, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def publish(tmp: str, final: str) -> None:
-    """Atomically replace `final` by the complete directory `tmp` (the old one survives until the swap)."""
-    fsync_tree(tmp)
-    old = None
-    if os.path.exists(final):
-        old = f"{os.path.dirname(final)}/{TMP_PREFIX}old-{os.path.basename(final)}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(os.path.dirname(final))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main_process_sees(accelerator, path: str) -> bool:
@@ -97,7 +57,7 @@ def save_hf_model(accelerator, model, tokenizer, target: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        publish(tmp, target)
+        replace_directory(tmp, target)
     accelerator.wait_for_everyone()
 
 
@@ -139,7 +99,7 @@ class Checkpointer:
             with open(os.path.join(tmp, COMPLETE_MARKER), "w") as marker:
                 marker.write(str(state.global_step))
                 os.fsync(marker.fileno())
-            publish(tmp, final)
+            replace_directory(tmp, final)
             self._remove_all_but(final)
         self.accelerator.wait_for_everyone()
         self.last_saved = name
@@ -162,54 +122,3 @@ class Checkpointer:
         """Restore model, optimizer, scheduler, every rank's RNG states and the TrainingState."""
         self.accelerator.load_state(path)
         self.last_saved = os.path.basename(path)
-
-
-class BestModels:
-    """The top `keep` models by BLEU-4 on disk, listed best first in checkpoints.json.
-
-    Ties keep the earlier model: an equal score never displaces a model already in the top k.
-    """
-
-    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer):
-        self.accelerator = accelerator
-        self.output_dir = output_dir
-        self.keep = keep
-        self.tokenizer = tokenizer
-
-    @staticmethod
-    def ranked(entries: list) -> list:
-        return sorted(entries, key=lambda e: (-e["bleu4"], e["step"]))
-
-    def consider(self, model, state, bleu4: float) -> bool:
-        """Save the model if it enters the top k and update `state.best`. Call on every rank; what falls out stays
-        on disk until `sync_disk` after the state is saved."""
-        candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", "bleu4": bleu4,
-                     "epoch": state.epoch, "step": state.global_step}
-        others = [e for e in state.best if e["step"] != state.global_step]
-        best = self.ranked(others + [candidate])[: self.keep]
-        entered = candidate in best
-        if entered:
-            save_hf_model(self.accelerator, model, self.tokenizer, os.path.join(self.output_dir, candidate["path"]))
-        state.best = best
-        return entered
-
-    def restore(self, state) -> None:
-        """After a resume: forget listed models whose directory is gone, then make the disk match the list."""
-        missing = [e for e in state.best
-                   if not main_process_sees(self.accelerator, os.path.join(self.output_dir, e["path"], "config.json"))]
-        for entry in missing:
-            log.warning("best model %s (bleu4 %.4f) is listed in the saved state but missing on disk: forgotten",
-                        entry["path"], entry["bleu4"])
-        state.best = [e for e in state.best if e not in missing]
-        self.sync_disk(state.best)
-
-    def sync_disk(self, best: list) -> None:
-        """Make checkpoints.json and best/ match `best` exactly (models newer than a resumed state go too)."""
-        if self.accelerator.is_main_process:
-            write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"best": best})
-            root = os.path.join(self.output_dir, BEST_DIR)
-            kept = {os.path.basename(e["path"]) for e in best}
-            for name in os.listdir(root) if os.path.isdir(root) else []:
-                if name not in kept:
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        self.accelerator.wait_for_everyone()

@@ -7,7 +7,7 @@ A second Ctrl-C interrupts at once.
 import logging
 import signal
 
-from utils.run_log import THIS_RANK_ONLY
+from utils.log import THIS_RANK_ONLY
 
 log = logging.getLogger("trainer")
 

@@ -1,7 +1,7 @@
-"""The small commands: train a tokenizer, score a saved model, answer a prompt."""
+"""Using a model saved by `train` (its final/ or a best/step-* directory): score it on a file, answer a prompt."""
 import os
 
-from config import EvaluateFlags, GenerateFlags, TokenizerFlags, resolve_path
+from config import EvaluateFlags, GenerateFlags, resolve_path
 from utils.errors import UserError
 
 
@@ -10,7 +10,7 @@ def load_saved_model(model_dir: str):
     from transformers import AutoModelForSeq2SeqLM
 
     from model.tokenizer import load_tokenizer
-    from utils.run_log import quiet_libraries
+    from utils.log import quiet_libraries
 
     quiet_libraries()  # transformers' "Loading weights" progress bar would precede every answer
     path = resolve_path(str(model_dir))
@@ -24,19 +24,10 @@ def load_saved_model(model_dir: str):
     return model.eval(), tokenizer
 
 
-def train_tokenizer_command(flags: TokenizerFlags) -> None:
-    from model.tokenizer import train_tokenizer
-
-    files = [resolve_path(p.strip()) for p in flags.train_file.split(",")]
-    tokenizer_dir = resolve_path(flags.tokenizer_dir)
-    tokenizer = train_tokenizer(files, tokenizer_dir, vocab_size=flags.vocab_size, max_rows=flags.max_rows or None)
-    print(f"tokenizer with {len(tokenizer)} tokens saved to {tokenizer_dir}")
-
-
 def evaluate_command(flags: EvaluateFlags) -> None:
     from accelerate import Accelerator
 
-    from utils.evaluation import Evaluator
+    from training.evaluation import Evaluator
 
     path = resolve_path(flags.file)
     if not os.path.isfile(path):

@@ -1,8 +1,5 @@
-"""Process set-up: the Accelerator and every machine-dependent decision, made once on the main process.
-
-Each rank reading free RAM or device capabilities for itself could decide differently (the system we replace let
-replicas drift apart that way), so the main process decides and broadcasts; every rank then uses the same values.
-"""
+"""Process set-up: the Accelerator and every machine-dependent decision, made once on the main process and
+broadcast (`utils.distributed.decided_by_main`), so every rank uses the same values."""
 import datetime
 import logging
 import os
@@ -11,7 +8,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, parse_flag_from_env
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
+
+from utils.distributed import decided_by_main
 
 LOW_RAM_BYTES = 15 * 1024**3  # the user's guide: below 15 GB of RAM use the low-memory data settings
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -65,22 +64,6 @@ def tracker_names(report_to: str) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
 
 
-def decided_by_main(state, decide):
-    """`decide()` run on the main process only, its answer handed to every rank (`state`: the Accelerator or its
-    PartialState): one decision for the whole run, never one per rank."""
-    answer = [decide() if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(answer, from_process=0)
-    return answer[0]
-
-
-def ranks_where(accelerator, flag: bool) -> int:
-    """How many ranks have `flag` true: the same count on every rank, so they all take the same branch."""
-    if accelerator.num_processes == 1:
-        return int(flag)
-    return int(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
-
-
 def set_nccl_defaults() -> None:
     """NCCL reads these at communicator creation; they matter only with NCCL, so leave gloo runs untouched."""
     if torch.cuda.is_available():
@@ -88,23 +71,30 @@ def set_nccl_defaults() -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead rank fails the others, no hang
 
 
-def start(cfg, gradient_accumulation_steps: int) -> tuple[Accelerator, Runtime]:
-    """Initialise the process group (30-minute timeout), decide on rank 0, broadcast, build the Accelerator."""
+def start_processes(cfg) -> tuple[PartialState, Runtime]:
+    """Initialise the process group (30-minute timeout), decide on the main process, broadcast the decisions."""
     set_nccl_defaults()
-    timeout = InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
     # Without a GPU (or with ACCELERATE_USE_CPU=true) torchrun ranks must form a gloo group (MULTI_CPU).
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu, **timeout.to_kwargs())
-    runtime = decided_by_main(state, lambda: decide(cfg))
+    state = PartialState(cpu=use_cpu(), **process_group_kwargs().to_kwargs())
+    return state, decided_by_main(state, lambda: decide(cfg))
+
+
+def use_cpu() -> bool:
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def process_group_kwargs() -> InitProcessGroupKwargs:
+    return InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def build_accelerator(cfg, runtime: Runtime) -> Accelerator:
+    """The Accelerator of a run whose processes `start_processes` started (trackers, once the flags are checked)."""
     trackers = tracker_names(cfg.report_to)
-    accelerator = Accelerator(
-        cpu=cpu,
+    return Accelerator(
+        cpu=use_cpu(),
         mixed_precision=runtime.mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        kwargs_handlers=[timeout],
-        # Our schedule counts global optimizer steps; by default Accelerate would step it once per process.
-        step_scheduler_with_optimizer=False,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        kwargs_handlers=[process_group_kwargs()],
         log_with=trackers or None,
         project_dir=cfg.output_dir,
     )
-    return accelerator, runtime

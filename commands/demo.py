@@ -13,9 +13,8 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config import OUTPUT_DIR, DemoFlags, T5ModelConfigDemo, TrainConfigDemo, resolve_path
+from config import OUTPUT_DIR, DemoFlags, T5ModelConfigDemo, TrainConfigDemo, changed_fields, resolve_path
 from utils.errors import UserErrors
-from utils.flags import changed_fields
 
 CHARACTERS = "春夏秋冬山水风花雪月日星云雨天地人心书画江河湖海红黄蓝白金木火土东南西北大小多少上下"
 TASKS = {
@@ -86,7 +85,7 @@ def start_over(output_dir: str) -> None:
 
 def run_demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDemo) -> None:
     """Generate the data, train through `train`'s own path, then print BLEU-4 and example answers."""
-    from utils.trainer import run_training
+    from training.loop import run_training
 
     output_dir = resolve_path(cfg.output_dir)
     problems = refusals(cfg, output_dir)
@@ -105,7 +104,7 @@ def run_demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDem
 def print_summary(run_dir: str, seconds: float) -> None:
     import json
 
-    from utils.commands import load_saved_model
+    from commands.saved_model import load_saved_model
 
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as lines:
         evals = [r for r in map(json.loads, lines) if r["event"] == "eval"]

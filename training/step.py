@@ -7,19 +7,15 @@ gradients over the W ranks and Accelerate's `backward` divides by the A accumula
 exact gradient of the step's mean token loss, so accumulation and data parallelism are re-groupings of one sum.
 """
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from accelerate.utils import DistributedType
 
-from utils.evaluation import token_loss_sum
-from utils.runtime import ranks_where
-
-# Test hooks: pretend the GPU runs out of memory in the forward of every micro-batch of at least this many rows
-# (CPU tests); with the second set, instead in the last micro-batch's backward and on that rank only.
-SIMULATE_OOM_ENV = "T5LM_SIMULATE_OOM_FROM_ROWS"
-SIMULATE_OOM_IN_BACKWARD_ENV = "T5LM_SIMULATE_OOM_IN_BACKWARD_ON_RANK"
+from model.dataset import MicroBatch, StepBatch
+from model.loss import token_loss_sum
+from training.optim import set_learning_rate
+from utils.distributed import ranks_where
 
 
 @dataclass
@@ -36,6 +32,21 @@ class StepOutcome:
     engine_stepped: bool = False  # non-finite, but DeepSpeed's engine applied (or skipped) the update itself
 
 
+@dataclass
+class StepTotals:
+    """What each rank adds to the step's one all-reduce, summed over the ranks by `reduced`."""
+
+    loss_sum: float
+    stop_requested: float
+    out_of_memory: float
+    tokens: float
+
+    def reduced(self, accelerator, like: torch.Tensor) -> "StepTotals":
+        values = [value if isinstance(value, torch.Tensor) else torch.tensor(float(value)) for value in astuple(self)]
+        vector = torch.stack([value.reshape(()).to(like) for value in values])
+        return StepTotals(*accelerator.reduce(vector, "sum").tolist())
+
+
 def rng_snapshot() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
@@ -48,53 +59,39 @@ def restore_rng(snapshot: tuple) -> None:
 
 
 class StepRunner:
-    def __init__(self, accelerator, model, optimizer, scheduler, max_grad_norm: float):
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float):
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
-        self.scheduler = scheduler
         self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
-        self.oom_limit = int(os.environ.get(SIMULATE_OOM_ENV, "0"))
-        self.oom_backward_rank = os.environ.get(SIMULATE_OOM_IN_BACKWARD_ENV)
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
         self.bare_model = accelerator.unwrap_model(model)
         # DeepSpeed's engine clips, steps (skipping only fp16 overflows) and zeroes inside the last backward: a
         # non-finite step cannot be skipped here, and the engine fixes its micro-batch size when it is built.
         self.engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def simulate_oom(self, batch, phase: str) -> None:
-        """The out-of-memory error the test hooks ask for, if any, in `phase` (forward or backward)."""
-        rows = batch["input_ids"].shape[0]
-        if not self.oom_limit or rows < self.oom_limit:
-            return
-        if self.oom_backward_rank is None:
-            wanted = phase == "forward"
-        else:
-            wanted = (phase == "backward" and self.accelerator.sync_gradients
-                      and self.accelerator.process_index == int(self.oom_backward_rank))
-        if wanted:
-            raise torch.OutOfMemoryError(f"simulated in {phase}: {rows} rows")
-
-    def forward(self, batch) -> tuple[torch.Tensor | None, bool]:
+    def forward(self, batch: MicroBatch) -> tuple[torch.Tensor | None, bool]:
         """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
         try:
-            self.simulate_oom(batch, "forward")
-            batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-            loss, _ = token_loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+            batch = batch.to(self.accelerator.device, non_blocking=True)
+            loss, _ = token_loss_sum(self.model, batch.input_ids, batch.attention_mask, batch.labels,
                                      bare_model=self.bare_model)
             return loss, False
         except torch.OutOfMemoryError:
             return None, True
 
-    def run(self, bundle: dict, stop_requested: bool) -> StepOutcome:
-        micro_batches, step_tokens = bundle["micro_batches"], bundle["step_tokens"]
-        scale = self.accelerator.num_processes * len(micro_batches) / max(step_tokens, 1)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def run(self, step: StepBatch, learning_rate: float, stop_requested: bool) -> StepOutcome:
+        micro_batches = step.micro_batches
+        scale = self.accelerator.num_processes * len(micro_batches) / max(step.step_tokens, 1)
         loss_sum = torch.zeros((), device=self.accelerator.device)
-        local_tokens = sum(int(b["attention_mask"].sum()) + int((b["labels"] != -100).sum()) for b in micro_batches)
-        lr = self.optimizer.param_groups[0]["lr"]  # read first: DeepSpeed moves the schedule inside backward
+        # Set first: DeepSpeed's engine takes its optimizer step inside the last backward.
+        set_learning_rate(self.optimizer, learning_rate)
         rng = rng_snapshot()
         failed = False  # a backward ran out of memory; the other ranks learn it at the next agreement
-        self.accelerator.step = 0  # our bundles always hold exactly one accumulation cycle
+        self.accelerator.step = 0  # our step batches always hold exactly one accumulation cycle
         for batch in micro_batches:
             with self.accelerator.accumulate(self.model):
                 loss, oom = (None, True) if failed else self.forward(batch)
@@ -102,32 +99,31 @@ class StepRunner:
                 if ranks_where(self.accelerator, oom):
                     return self.abandon(rng)
                 try:
-                    self.simulate_oom(batch, "backward")
-                    self.accelerator.backward(loss * scale)
+                    self.backward(loss * scale)
                     loss_sum += loss.detach()
                 except torch.OutOfMemoryError:
                     if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
                         # The other ranks are inside this backward's gradient all-reduce: none can be told to retry.
                         return StepOutcome(out_of_memory=True, in_all_reduce=True)
                     failed = True
-        flags = torch.tensor([float(stop_requested), float(failed), local_tokens], device=loss_sum.device)
-        totals = self.accelerator.reduce(torch.cat([loss_sum.view(1), flags]), "sum")
-        if totals[2].item() > 0:
+        local_tokens = sum(batch.real_tokens for batch in micro_batches)
+        totals = StepTotals(loss_sum, stop_requested, failed, local_tokens).reduced(self.accelerator, loss_sum)
+        if totals.out_of_memory > 0:
             return self.abandon(rng)
         # Under DeepSpeed this is the engine's norm of the step it has taken (None if it kept none).
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
         grad_norm = math.nan if norm is None else float(norm)
-        mean_loss = totals[0].item() / max(step_tokens, 1)
+        mean_loss = totals.loss_sum / max(step.step_tokens, 1)
         finite = math.isfinite(mean_loss) and (norm is None or math.isfinite(grad_norm))
         # fp16's GradScaler must see every step: it skips non-finite ones itself and lowers its scale; without its
         # update the next step's unscale fails. Other precisions skip here.
         if finite or self.accelerator.scaler is not None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # the learning rate stays a function of the global step, skipped steps included
         return StepOutcome(loss=mean_loss, grad_norm=grad_norm, finite=finite,
-                           stop_requested=bool(totals[1].item() > 0), target_tokens=step_tokens,
-                           tokens=int(totals[3].item()), lr=lr, engine_stepped=self.engine_steps and not finite)
+                           stop_requested=totals.stop_requested > 0, target_tokens=step.step_tokens,
+                           tokens=int(totals.tokens), lr=learning_rate,
+                           engine_stepped=self.engine_steps and not finite)
 
     def abandon(self, rng) -> StepOutcome:
         """Out of memory somewhere: drop this attempt's gradients and randomness so the retry starts clean."""

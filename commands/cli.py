@@ -1,5 +1,10 @@
 """What every command shares: its flags become checked dataclasses, user errors become one `error:` line and exit
-code 2, and a mistyped command name is caught before Fire prints its usage text."""
+code 2, and a mistyped command name is caught before Fire prints its usage text.
+
+Fire is the entry point and parses the command line once. Every command is marked `SetParseFn(str)`, so Fire hands
+each value over exactly as typed (`--prompt=1e5` stays the text "1e5", `--train_file=a,b` stays "a,b"), and
+`commands.flags` converts it against the field's declared type.
+"""
 import functools
 import inspect
 import os
@@ -7,9 +12,9 @@ import sys
 
 import fire
 
+from commands.flags import FlagProblem, build, closest, help_text, to_bool
 from config import ConfigChoice, TrainConfig, TrainConfigPretrainLarge
 from utils.errors import RunAborted, UserError, UserErrors
-from utils.flags import FlagProblem, build, closest, help_text, to_bool
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ABORTED = 1
@@ -28,6 +33,7 @@ def command(function):
     """
     classes = [parameter.annotation for parameter in inspect.signature(function).parameters.values()]
 
+    @fire.decorators.SetParseFn(str)
     @functools.wraps(function)
     def run(*args, **flags):
         # Fire passes `--help` (and `-h`) on as flags, since the command takes any flag.
@@ -35,7 +41,7 @@ def command(function):
             print(command_help(function, classes))
             return
         try:
-            function(*parse(classes, args, flags, typed_text(function.__name__)))
+            function(*parse(classes, args, flags))
         except UserError as error:
             problems = error.problems if isinstance(error, UserErrors) else [str(error)]
             sys.exit(report(problems, EXIT_USER_ERROR, error.every_rank))
@@ -46,29 +52,8 @@ def command(function):
     return run
 
 
-def typed_text(command_name: str) -> dict:
-    """Each `--name=value` / `--name value` flag of the command line as the user typed it.
-
-    Fire turns `--prompt=a, b` into a tuple, `1e5` into 100000.0 and `True` into a bool; text fields (a prompt, a
-    path) take the typed text instead. Empty unless the command line runs `command_name`.
-    """
-    argv = sys.argv[1:]
-    if argv[:1] != [command_name]:
-        return {}
-    text, i = {}, 1
-    while i < len(argv):
-        name, has_value, value = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
-        if name and not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            has_value, value, i = "=", argv[i + 1], i + 1
-        if name and has_value:
-            text[name.replace("-", "_")] = value
-        i += 1
-    return text
-
-
-def parse(classes: list, args: tuple, flags: dict, text: dict) -> list:
-    """One instance of each class from Fire's arguments (text fields from `text`, the flags as typed), or
-    UserErrors naming every problem.
+def parse(classes: list, args: tuple, flags: dict) -> list:
+    """One instance of each class from the command's flags (text, as typed), or UserErrors naming every problem.
 
     A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge.
     """
@@ -78,7 +63,7 @@ def parse(classes: list, args: tuple, flags: dict, text: dict) -> list:
     if choice and uses_large_config(flags):
         classes = [TrainConfigPretrainLarge if cls is TrainConfig else cls for cls in classes]
     try:
-        instances = build(choice + classes, flags, text)[len(choice):]
+        instances = build(choice + classes, flags)[len(choice):]
     except UserErrors as errors:
         problems += errors.problems
     if problems:
@@ -88,7 +73,7 @@ def parse(classes: list, args: tuple, flags: dict, text: dict) -> list:
 
 def uses_large_config(flags: dict) -> bool:
     try:
-        return to_bool(flags.get("use_large_config", False))
+        return to_bool(flags.get("use_large_config", "False"))
     except FlagProblem:
         return False  # `build` reports the bad value
 
@@ -108,10 +93,11 @@ def large_config_defaults() -> str:
     return "With --use_large_config=True these defaults change: " + ", ".join(changed)
 
 
-def main(commands: dict) -> None:
-    """Run the command named first on the command line through Fire. A missing or unknown name is one `error:`
-    line (Fire would print its usage text); `--help` lists the commands."""
-    name = sys.argv[1] if len(sys.argv) > 1 else ""
+def main(commands: dict, argv: list[str] | None = None) -> None:
+    """Run the command named first on the command line (`argv`, default sys.argv[1:]) through Fire. A missing or
+    unknown name is one `error:` line (Fire would print its usage text); `--help` lists the commands."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv[0] if argv else ""
     if name in ("-h", "--help"):
         print("commands (python train_low_mem.py COMMAND --help lists the flags of each):")
         for command_name, function in commands.items():
@@ -121,7 +107,7 @@ def main(commands: dict) -> None:
         guess = closest(name, commands) if name else None
         what = (f"unknown command {name!r}" if name else "no command") + (f" (did you mean {guess}?)" if guess else "")
         sys.exit(report([f"{what}; the commands are {', '.join(commands)} (see --help)"], EXIT_USER_ERROR))
-    fire.Fire(commands)
+    fire.Fire(commands, command=argv)
 
 
 def report(problems: list[str], exit_code: int, every_rank: bool = True) -> int:

@@ -6,7 +6,7 @@ its activations: what the forward pass saves for the backward pass plus the tran
 pass (the largest: two fp32 gradients over the whole vocabulary for every token, at the loss).
 
 The activations are measured by the probe: the real model (`model.t5.build_model`) runs the real loss
-(`utils.evaluation.token_loss_sum`) forward and backward on fake tensors, which carry shapes and dtypes but no
+(`model.loss.token_loss_sum`) forward and backward on fake tensors, which carry shapes and dtypes but no
 data, so the full model at full sequence length costs seconds and no memory; a dispatch mode adds up the bytes of
 every tensor storage while it lives and keeps the peak. On a tiny model this equals the peak of a real CPU step
 byte for byte (tests/test_plan_plot.py). Mixed precision runs under CPU autocast, which lowers the same T5 ops
@@ -21,8 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from model.loss import token_loss_sum
 from model.t5 import StandInTokenizer, build_model
-from utils.evaluation import token_loss_sum
 
 GIB = 1024**3
 WEIGHT_BYTES, GRADIENT_BYTES, ADAM_BYTES = 4, 4, 8  # per parameter, all fp32

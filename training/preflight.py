@@ -1,18 +1,20 @@
 """Pre-flight: every problem a user can fix, found at once before a model is built, one line each (exit 2).
 
 It reads only parquet footers and small files, so it costs well under a second even for 10M rows, and runs on
-every rank identically (no communication needed: the answers depend only on the shared files).
+every rank identically (no communication needed: the answers depend only on the shared files). It runs after the
+process group starts (for the number of processes) and before anything is built or written.
 """
 import logging
-import math
 import os
 import shutil
 
-from model.dataset import expand_paths, read_footer
+from config import split_paths
+from model.dataset import global_batch_size, steps_per_epoch
+from model.parquet import expand_paths, read_footer
 from model.t5 import estimate_parameters
-from utils.checkpoint import complete_states
+from training.checkpoint import complete_states
+from training.runtime import tracker_names
 from utils.errors import UserError, UserErrors
-from utils.runtime import tracker_names
 
 BYTES_PER_PARAMETER_SAVED = 4 * 5  # fp32: best model + final model + state (weights and two Adam moments)
 log = logging.getLogger("trainer")
@@ -22,13 +24,13 @@ def file_rows(flag: str, files: str, problems: list) -> int:
     """Rows in the files of one flag; each bad file adds a problem naming the flag and the file."""
     rows = 0
     try:
-        paths = expand_paths([p.strip() for p in files.split(",")])
+        paths = expand_paths(split_paths(files))
     except UserError as error:
         problems.append(f"--{flag}: {error}")
         return 0
     for path in paths:
         try:
-            rows += int(read_footer(path).sum())
+            rows += read_footer(path).num_rows
         except UserError as error:
             problems.append(f"--{flag}: {error}")
     return rows
@@ -85,7 +87,7 @@ def check_output_dir(cfg, needed_bytes: int, problems: list) -> None:
                         "--is_keep_training=True, or choose another --output_dir (nothing was deleted)")
 
 
-def check_before_training(cfg, model_cfg) -> list[str]:
+def check_before_training(cfg, model_cfg, num_processes: int) -> list[str]:
     """Raise UserErrors listing every problem; return warnings for settings that work but look wrong."""
     problems, warnings = [], []
     train_rows = file_rows("train_file", cfg.train_file, problems)
@@ -105,8 +107,8 @@ def check_before_training(cfg, model_cfg) -> list[str]:
         problems.append("--num_heads x --d_kv must be at least 8")
     if problems:
         raise UserErrors(problems)
-    global_batch = cfg.batch_size_per_gpu * cfg.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
-    total_steps = cfg.epochs * math.ceil(train_rows / global_batch)
+    global_batch = global_batch_size(cfg.batch_size_per_gpu, num_processes, cfg.gradient_accumulation_steps)
+    total_steps = cfg.epochs * steps_per_epoch(train_rows, global_batch)
     if cfg.warmup_steps >= total_steps:
         warnings.append(f"--warmup_steps={cfg.warmup_steps} is not below the run's {total_steps} steps: the "
                         "learning rate never reaches --learn_rate")

@@ -1,0 +1,11 @@
+"""`train_tokenizer`: the byte-level BPE of `model.tokenizer`, trained on a sample of a file's text columns."""
+from config import TokenizerFlags, resolve_path, split_paths
+
+
+def train_tokenizer_command(flags: TokenizerFlags) -> None:
+    from model.tokenizer import train_tokenizer
+
+    files = [resolve_path(path) for path in split_paths(flags.train_file)]
+    tokenizer_dir = resolve_path(flags.tokenizer_dir)
+    tokenizer = train_tokenizer(files, tokenizer_dir, vocab_size=flags.vocab_size, max_rows=flags.max_rows or None)
+    print(f"tokenizer with {len(tokenizer)} tokens saved to {tokenizer_dir}")

@@ -1,0 +1,27 @@
+"""The training and evaluation loss: summed token cross-entropy and its token count, the quantities that add up
+across micro-batches, ranks and evaluation batches (the mean is taken once, over all of them)."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.dataset import LABEL_PAD
+
+
+def token_loss_sum(model, input_ids, attention_mask, labels, bare_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy and the number of target tokens.
+
+    `bare_model` is the unwrapped model when `model` is a DDP wrapper (which lacks the label-shifting helper).
+    """
+    decoder_input_ids = (bare_model or model).prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD, reduction="sum")
+    return loss, (labels != LABEL_PAD).sum()
+
+
+def padded(sequences: list[list[int]], pad: int) -> torch.Tensor:
+    """Token id lists as one right-padded int64 matrix."""
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), pad, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = sequence
+    return torch.from_numpy(out)

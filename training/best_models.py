@@ -1,0 +1,64 @@
+"""The best `keep_latest_n_ckp` models by BLEU-4, on disk under best/ and listed best first in checkpoints.json.
+
+A model that falls out of the top k is deleted only once a state that no longer lists it is saved, so the newest
+state's list always names models that exist.
+"""
+import logging
+import os
+import shutil
+
+from training.checkpoint import BEST_DIR, main_process_sees, save_hf_model, step_name
+from utils.atomic import write_json_atomically
+
+log = logging.getLogger("trainer")
+
+
+class BestModels:
+    """The top `keep` models by BLEU-4 on disk, listed best first in checkpoints.json.
+
+    Ties keep the earlier model: an equal score never displaces a model already in the top k.
+    """
+
+    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer):
+        self.accelerator = accelerator
+        self.output_dir = output_dir
+        self.keep = keep
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def ranked(entries: list) -> list:
+        return sorted(entries, key=lambda e: (-e["bleu4"], e["step"]))
+
+    def consider(self, model, state, bleu4: float) -> bool:
+        """Save the model if it enters the top k and update `state.best`. Call on every rank; what falls out stays
+        on disk until `sync_disk` after the state is saved."""
+        candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", "bleu4": bleu4,
+                     "epoch": state.epoch, "step": state.global_step}
+        others = [e for e in state.best if e["step"] != state.global_step]
+        best = self.ranked(others + [candidate])[: self.keep]
+        entered = candidate in best
+        if entered:
+            save_hf_model(self.accelerator, model, self.tokenizer, os.path.join(self.output_dir, candidate["path"]))
+        state.best = best
+        return entered
+
+    def restore(self, state) -> None:
+        """After a resume: forget listed models whose directory is gone, then make the disk match the list."""
+        missing = [e for e in state.best
+                   if not main_process_sees(self.accelerator, os.path.join(self.output_dir, e["path"], "config.json"))]
+        for entry in missing:
+            log.warning("best model %s (bleu4 %.4f) is listed in the saved state but missing on disk: forgotten",
+                        entry["path"], entry["bleu4"])
+        state.best = [e for e in state.best if e not in missing]
+        self.sync_disk(state.best)
+
+    def sync_disk(self, best: list) -> None:
+        """Make checkpoints.json and best/ match `best` exactly (models newer than a resumed state go too)."""
+        if self.accelerator.is_main_process:
+            write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"best": best})
+            root = os.path.join(self.output_dir, BEST_DIR)
+            kept = {os.path.basename(e["path"]) for e in best}
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name not in kept:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()

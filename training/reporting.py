@@ -1,0 +1,106 @@
+"""What a run tells its user besides the log lines: metrics.jsonl, Accelerate's trackers and the progress bar,
+and the training lines every `logging_steps` (`Reporter`)."""
+import json
+import logging
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from utils.atomic import write_text_atomically
+
+log = logging.getLogger("trainer")
+
+
+class MetricsLog:
+    """`metrics.jsonl` (one JSON object per line, see the contract) plus Accelerate's trackers."""
+
+    def __init__(self, output_dir: str, accelerator):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+
+    def forget_after(self, step: int) -> None:
+        """Steps after `step` will be run (again): their old lines would be duplicates. A line a crash cut short
+        goes too. The file is replaced atomically: a crash here loses nothing."""
+        if not self.is_main or not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        write_text_atomically(self.path, "".join(kept))
+
+    def write(self, event: str, **values) -> None:
+        if self.is_main:
+            with open(self.path, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"event": event, **values}, ensure_ascii=False) + "\n")
+        numbers = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.accelerator.trackers:
+            self.accelerator.log(numbers, step=values.get("step"))
+
+
+class Progress:
+    """A tqdm bar with ETA on an interactive main process; in a pipe or log, the log lines are the progress."""
+
+    def __init__(self, is_main: bool, total: int, initial: int):
+        self.bar = None
+        if is_main and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Reporter:
+    """Training lines every `logging_steps`: averaged over the interval's tokens, ranks and accumulation."""
+
+    def __init__(self, run):
+        self.run = run
+        total = run.cfg.max_steps or run.state.schedule_total_steps
+        self.progress = Progress(run.accelerator.is_main_process, total, run.state.global_step)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_tokens, self.loss_sum, self.tokens, self.samples_at = 0, 0.0, 0, self.run.state.samples_seen
+        self.started = time.time()
+
+    def after_step(self, outcome) -> None:
+        state, cfg = self.run.state, self.run.cfg
+        if outcome.finite:
+            self.loss_sum += outcome.loss * outcome.target_tokens
+            self.loss_tokens += outcome.target_tokens
+        self.tokens += outcome.tokens
+        self.progress.update()
+        if state.global_step % cfg.logging_steps:
+            return
+        elapsed = max(time.time() - self.started, 1e-9)
+        record = dict(step=state.global_step, epoch=state.epoch, samples=state.samples_seen,
+                      loss=self.loss_sum / self.loss_tokens if self.loss_tokens else None, lr=outcome.lr,
+                      grad_norm=outcome.grad_norm, tokens_per_s=round(self.tokens / elapsed, 1),
+                      samples_per_s=round((state.samples_seen - self.samples_at) / elapsed, 2))
+        self.run.metrics.write("train", **record)
+        loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+        log.info("step %d/%d epoch %d | loss %s | lr %.3e | grad norm %.3f | %.1f samples/s | %.0f tokens/s",
+                 state.global_step, state.schedule_total_steps, state.epoch, loss, record["lr"],
+                 record["grad_norm"], record["samples_per_s"], record["tokens_per_s"])
+        self.progress.show(loss=loss, lr=f"{record['lr']:.2e}", samples_s=record["samples_per_s"])
+        self.reset()
+
+    def close(self) -> None:
+        self.progress.close()

@@ -1,0 +1,83 @@
+"""Where a run starts: from nothing, or from the newest complete state in `output_dir`, in one ordered place.
+
+A resume continues at the next batch with the same data order, learning-rate step, best-k list and random
+streams: on CPU in fp32 the resumed run ends bitwise equal to an uninterrupted one.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+from training.schedule import reaim
+from utils.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def describe_run(cfg, model_cfg, tokenizer) -> dict:
+    """What a resume must match (model shape, tokenizer) or report (training settings): the state's run.json."""
+    with open(os.path.join(cfg.tokenizer_dir, "tokenizer.json"), "rb") as vocabulary:
+        fingerprint = hashlib.sha256(vocabulary.read()).hexdigest()[:16]
+    return {"model": dataclasses.asdict(model_cfg), "tokenizer": {"size": len(tokenizer), "sha256": fingerprint},
+            "train": dataclasses.asdict(cfg)}
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """An incompatible model or tokenizer is an error; changed training settings are reported and applied."""
+    problems = [f"--{name}: the saved run has {saved['model'].get(name)!r}, this one {value!r}"
+                for name, value in current["model"].items() if saved["model"].get(name) != value]
+    if saved["tokenizer"] != current["tokenizer"]:
+        problems.append(f"--tokenizer_dir: not the tokenizer the saved run used ({saved['tokenizer']})")
+    if problems:
+        raise UserError("cannot resume, the saved state is incompatible: " + "; ".join(problems))
+    for name, value in current["train"].items():
+        if name != "is_keep_training" and saved["train"].get(name) != value:
+            log.warning("resume: --%s changed from %r to %r", name, saved["train"].get(name), value)
+
+
+def start_fresh(run) -> None:
+    """A new run: the schedule spans all its epochs, and no best model or metric line of an older run remains."""
+    run.state.schedule_total_steps = run.feed.total_steps(run.state, run.cfg.epochs)
+    run.best.restore(run.state)
+    run.metrics.forget_after(0)
+
+
+def resume(run) -> None:
+    """Continue the run saved in `output_dir`, in this order:
+
+    1. the newest complete state, as the main process sees it; its run.json must match this model and tokenizer;
+    2. model, optimizer, every rank's random states and the TrainingState (data position, step, best-k, ...);
+    3. the batch settings: flags that changed since the save win, else those out-of-memory recovery chose;
+    4. another number of processes continues at the same global sample;
+    5. the schedule, re-aimed if the run's length changed (more epochs, another global batch);
+    6. best models missing on disk are forgotten, and the disk made to match the list;
+    7. metric lines after the saved step are dropped: those steps run again.
+    """
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    path = run.checkpointer.latest()
+    if path is None:
+        log.warning("--is_keep_training=True but %s holds no complete state: starting from scratch", cfg.output_dir)
+        return start_fresh(run)
+    with open(os.path.join(path, "run.json"), encoding="utf-8") as saved_file:
+        saved = json.load(saved_file)
+    check_resumable(saved, run.checkpointer.run_description)
+    run.checkpointer.load(path)
+    configured = (saved["train"]["batch_size_per_gpu"], saved["train"]["gradient_accumulation_steps"])
+    requested = (cfg.batch_size_per_gpu, cfg.gradient_accumulation_steps)
+    if configured != requested:
+        state.batch_size_per_gpu, state.gradient_accumulation_steps = requested
+    elif (state.batch_size_per_gpu, state.gradient_accumulation_steps) != configured:
+        log.warning("resume: keeping batch_size_per_gpu=%d, gradient_accumulation_steps=%d set by out-of-memory "
+                    "recovery", state.batch_size_per_gpu, state.gradient_accumulation_steps)
+    accelerator.gradient_accumulation_steps = state.gradient_accumulation_steps
+    if state.world_size != accelerator.num_processes:
+        log.warning("resume: the saved run had %d processes, this one %d; continuing at the same global sample "
+                    "(%d of epoch %d)", state.world_size, accelerator.num_processes, state.epoch_sample,
+                    state.epoch)
+        state.world_size = accelerator.num_processes
+    reaim(state, cfg.warmup_steps, run.feed.total_steps(state, cfg.epochs))
+    run.best.restore(state)
+    run.metrics.forget_after(state.global_step)
+    log.info("resumed from %s: step %d, epoch %d, sample %d of the epoch", path, state.global_step, state.epoch,
+             state.epoch_sample)

@@ -1,0 +1,138 @@
+"""Everything a training run is made of, built in order: logging, tokenizer, model, optimizer, data, state.
+
+`build_run` returns a `Run` whose parts each own one concern; `training.loop` only drives them.
+"""
+import dataclasses
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
+
+from config import TrainConfig, changed_fields, split_paths, with_resolved_paths
+from model.t5 import build_model, count_parameters
+from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
+from training.best_models import BestModels
+from training.checkpoint import Checkpointer
+from training.evaluation import Evaluator
+from training.feed import DataFeed
+from training.memory import MemoryHygiene
+from training.optim import build_optimizer
+from training.reporting import MetricsLog
+from training.resume import describe_run, resume, start_fresh
+from training.runtime import Runtime, tracker_names
+from training.signals import StopSignals
+from training.state import TrainingState
+from training.step import StepRunner
+from utils.atomic import write_json_atomically
+from utils.distributed import decided_by_main, ranks_where
+from utils.errors import UserError
+from utils.log import log_file_path, setup_logging
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerFast
+    model: T5ForConditionalGeneration
+    state: TrainingState
+    feed: DataFeed
+    stepper: StepRunner
+    checkpointer: Checkpointer
+    best: BestModels
+    evaluator: Evaluator
+    metrics: MetricsLog
+    memory: MemoryHygiene
+    signals: StopSignals
+
+
+def ensure_tokenizer(cfg, accelerator):
+    """Train the tokenizer on the main process when `tokenizer_dir` holds none; every rank then loads it."""
+    if accelerator.is_main_process and not has_tokenizer(cfg.tokenizer_dir):
+        log.info("no tokenizer in %s: training a %d-token one on %s (up to %d rows)", cfg.tokenizer_dir,
+                 cfg.vocab_size, cfg.train_file, cfg.tokenizer_train_rows)
+        train_tokenizer(split_paths(cfg.train_file), cfg.tokenizer_dir, vocab_size=cfg.vocab_size,
+                        max_rows=cfg.tokenizer_train_rows or None, seed=cfg.seed)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(cfg.tokenizer_dir)
+
+
+def check_output_dir_is_shared(accelerator, output_dir: str) -> None:
+    """Every rank must see the main process's `output_dir`: each writes its random states into the saved state
+    and a resume reads the state the main process chose. Machines with separate disks would resume apart."""
+    if accelerator.num_processes == 1:
+        return
+    probe = os.path.join(output_dir, f".shared-{decided_by_main(accelerator, lambda: secrets.token_hex(8))}")
+    if accelerator.is_main_process:
+        open(probe, "w").close()
+    accelerator.wait_for_everyone()
+    blind = ranks_where(accelerator, not os.path.exists(probe))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.remove(probe)
+    if blind:
+        raise UserError(f"--output_dir={output_dir}: {blind} of {accelerator.num_processes} processes "
+                        "do not see the main process's files there; on several machines it must be on a "
+                        "filesystem they all mount (NFS or similar)")
+
+
+def record_configuration(cfg, model_cfg, accelerator, runtime: Runtime) -> None:
+    """The resolved configuration in the log and in train_config.json, with what differs from the defaults."""
+    # `cfg`'s paths are absolute by now; compared with relative defaults they would all look changed.
+    changes = {**changed_fields(cfg, with_resolved_paths(type(cfg)())), **changed_fields(model_cfg)}
+    log.info("configuration (%s); changed from defaults: %s", type(cfg).__name__,
+             json.dumps(changes, ensure_ascii=False))
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json_atomically(os.path.join(cfg.output_dir, "train_config.json"),
+                              {"config": type(cfg).__name__, "train": dataclasses.asdict(cfg),
+                               "model": dataclasses.asdict(model_cfg), "changed": changes,
+                               "runtime": dataclasses.asdict(runtime)})
+
+
+def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run:
+    setup_logging(cfg.log_dir, accelerator.is_main_process, accelerator.process_index)
+    log.info("log file: %s", log_file_path(cfg.log_dir))
+    log.info("%d process(es), %s, device %s, precision %s", accelerator.num_processes,
+             accelerator.distributed_type.value, accelerator.device, runtime.mixed_precision)
+    for note in runtime.notes:
+        log.info(note)
+    record_configuration(cfg, model_cfg, accelerator, runtime)
+    check_output_dir_is_shared(accelerator, cfg.output_dir)
+    tokenizer = ensure_tokenizer(cfg, accelerator)
+    set_seed(cfg.seed)
+    model = build_model(model_cfg, tokenizer)
+    log.info("model: %.1fM parameters, vocabulary %d", count_parameters(model) / 1e6, len(tokenizer))
+    state = TrainingState(batch_size_per_gpu=cfg.batch_size_per_gpu,
+                          gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                          world_size=accelerator.num_processes)
+    feed = DataFeed(cfg, tokenizer, runtime, accelerator.process_index, accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.weight_decay))
+    accelerator.register_for_checkpointing(state)
+    metrics = MetricsLog(cfg.output_dir, accelerator)
+    run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, model=model, state=state, feed=feed,
+              stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm),
+              checkpointer=Checkpointer(accelerator, cfg.output_dir, cfg.save_steps,
+                                        describe_run(cfg, model_cfg, tokenizer)),
+              best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer),
+              evaluator=Evaluator(accelerator, tokenizer, cfg.validation_file, cfg.eval_max_samples,
+                                  cfg.eval_batch_size, cfg.max_seq_len),
+              metrics=metrics, memory=MemoryHygiene(cfg.memory_cleanup_steps, cfg.memory_log_steps, metrics),
+              signals=StopSignals())
+    if cfg.is_keep_training:
+        resume(run)
+    else:
+        start_fresh(run)
+    if tracker_names(cfg.report_to):
+        accelerator.init_trackers("t5_pretrain",
+                                  config={k: str(v) for k, v in run.checkpointer.run_description["train"].items()})
+    log.info("data: %d rows, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.num_rows,
+             feed.steps_per_epoch(state), state.schedule_total_steps, cfg.epochs, feed.global_batch_size(state))
+    return run

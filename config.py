@@ -35,6 +35,11 @@ def with_resolved_paths(cfg):
     return replace(cfg, **{name: ",".join(map(resolve_path, split_paths(getattr(cfg, name)))) for name in paths})
 
 
+class GivenFlags(frozenset):
+    """The names of the flags a user typed: a setting not among them may come from elsewhere (the saved run of a
+    resume) instead of its default."""
+
+
 def changed_fields(instance, default=None) -> dict:
     """The fields whose value differs from `default` (the class default): what the user changed."""
     default = default or type(instance)()
@@ -106,16 +111,25 @@ class TrainConfig:
     """Rows per micro-batch on each process."""
     gradient_accumulation_steps: int = bounded(8, min=1)
     """Micro-batches per optimizer step on each process."""
+    optimizer: Literal["adafactor_t5", "adafactor", "adamw"] = "adafactor_t5"
+    """adafactor_t5: relative steps at the rate measured best (default); adafactor: the original project's; adamw:
+    one absolute rate for every tensor. learn_rate means the same for each (see the README)."""
     learn_rate: float = bounded(1e-4, min=0.0)
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate, reached at the end of warmup: 1e-4 is the usual rate for every --optimizer."""
     warmup_steps: int = bounded(1024, min=0)
     """Optimizer steps of linear warmup from 0 to `learn_rate`; cosine decay to 0.1x follows."""
     weight_decay: float = bounded(0.01, min=0.0)
-    """AdamW decoupled weight decay (not applied to biases and layer norms)."""
+    """Decoupled weight decay: weights shrink by lr x weight_decay per step, any optimizer (not biases, norms)."""
     max_grad_norm: float = bounded(1.0, min=0.0)
     """Clip the gradient norm to this (0 = no clipping); the pre-clip norm is logged."""
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     """bf16, fp16 or no; bf16 falls back to fp32 (with a log line) where the device lacks it."""
+    ddp_bf16_gradients: bool = False
+    """All-reduce DDP gradients in bf16: half the traffic (GeForce cards without P2P pass it through host memory),
+    rounded averages. Off: exact fp32."""
+    compile: bool = False
+    """torch.compile the model (inductor): faster steps on a GPU after a first slow one; batches are padded to a
+    multiple of 8 tokens so that few shapes recompile (each recompile is logged)."""
     seed: int = bounded(23333, min=0, max=2**32 - 1)  # NumPy's seeds (through Accelerate's set_seed) stop there
     """Seed of the data order, initial weights and dropout."""
     max_bad_steps: int = bounded(20, min=1)
@@ -181,10 +195,10 @@ class TrainConfigDemo(TrainConfig):
     vocab_size: int = 400
     max_seq_len: int = 24
     dataloader_buffer_size: int = 4096
-    epochs: int = 16
+    epochs: int = 8
     batch_size_per_gpu: int = 32
     gradient_accumulation_steps: int = 1
-    learn_rate: float = 1e-3
+    learn_rate: float = 1e-4
     warmup_steps: int = 100
     mixed_precision: Literal["bf16", "fp16", "no"] = "no"
     output_dir: str = "model_save/demo"
@@ -196,6 +210,8 @@ class TrainConfigDemo(TrainConfig):
     eval_batch_size: int = 100
     logging_steps: int = 100
     memory_log_steps: int = 300
+    log_dir: str = f"{OUTPUT_DIR}/logs"
+    """The demo's human log stays inside its --output_dir too (give another directory to move it)."""
 
 
 @dataclass

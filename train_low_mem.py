@@ -9,6 +9,7 @@ from config import (
     DemoFlags,
     EvaluateFlags,
     GenerateFlags,
+    GivenFlags,
     PlanFlags,
     PlotFlags,
     T5ModelConfig,
@@ -20,10 +21,10 @@ from config import (
 
 
 @command
-def train(cfg: TrainConfig, model_cfg: T5ModelConfig):
+def train(cfg: TrainConfig, model_cfg: T5ModelConfig, given: GivenFlags):
     """Train (or with --is_keep_training=True resume) on train_file. Every config field is a flag:"""
     from training.loop import run_training
-    run_training(cfg, model_cfg)
+    run_training(cfg, model_cfg, given)
 
 
 @command

@@ -165,8 +165,9 @@ def big_file_figures(big, big_1m, tokenizer_dir, batches: int) -> None:
                                  "--batches", str(batches)], check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     small, large = results
-    print(f"(d) on {big} ({large['rows']:,} rows): construction {large['construct_s']:.2f} s, "
-          f"resume at sample {RESUME_SAMPLE:,} to first batch {large['resume_s']:.2f} s")
+    resume = (f"resume at sample {RESUME_SAMPLE:,} to first batch {large['resume_s']:.2f} s" if "resume_s" in large
+              else f"no resume figure (fewer than {RESUME_SAMPLE:,} rows)")
+    print(f"(d) on {big} ({large['rows']:,} rows): construction {large['construct_s']:.2f} s, {resume}")
     for r in results:
         print(f"    {r['rows']:>10,} rows: RSS {r['rss_before_mb']:.0f} MB after construction, peak "
               f"{r['peak_rss_mb']:.0f} MB over {batches:,} batches: growth {r['growth_mb']:.0f} MB")

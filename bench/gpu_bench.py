@@ -1,6 +1,7 @@
 """The large model's training step on one GPU: throughput, MFU and peak memory, with and without memory cleanup.
 
     python bench/gpu_bench.py [--batches 8,16,32,48] [--steps 20] [--cleanup_steps 100] [--cleanup_every 50]
+                              [--cap_gib 19]
 
 What runs: `T5ModelConfig()` defaults (d_model 768, 10 + 10 layers) with a 32,000-token vocabulary (a stand-in
 for the tokenizer gives `build_model` its size and special ids, so no tokenizer is trained), the trainer's own
@@ -16,7 +17,10 @@ for every token), and 6 x (encoder parameters x prompt tokens + decoder and outp
 response tokens)/s, the matmul work an encoder-decoder really does, which is about half; both over the device's
 dense bf16 peak from a small table (n/a for other devices). A batch fits a 20 GB card when its peak reserved
 memory is at most 20 GiB; the largest batch that would fit is extrapolated linearly from the two largest
-measured batches.
+measured batches. The allocator is capped at --cap_gib (`torch.cuda.set_per_process_memory_fraction`), so that an
+H100/H200 behaves like a 20 GB RTX 3080 less its CUDA context and NCCL buffers: a batch that would not fit there
+runs out of memory here too. The attention kernels that ran are named (from the profiler) and the allocated memory's
+slope per row is printed.
 
 Memory cleanup at the trainer's cadence: release_memory() (gc.collect + torch.cuda.empty_cache) every
 --cleanup_every steps (the trainer's memory_cleanup_steps, 50) against none, in alternating blocks of
@@ -52,6 +56,8 @@ from training.step import StepRunner  # noqa: E402
 
 GIB = 1024**3
 FIT_BYTES = 20 * GIB
+# Names of the CUDA kernels scaled-dot-product attention may run, as the profiler reports them.
+ATTENTION_KERNEL_MARKS = ("flash", "fmha", "efficient_attention", "mem_eff", "cudnn", "sdpa", "softmax", "bmm")
 # Dense bf16 tensor-core peak in TFLOPS (with fp32 accumulation), by device name; the first match wins.
 PEAK_BF16_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5),
                     ("H100", 989.4), ("A100", 312.0), ("RTX 4090", 165.2), ("RTX 3080", 59.5)]
@@ -69,6 +75,8 @@ def parse_args():
     parser.add_argument("--cleanup_every", type=int, default=50, help="steps between release_memory() calls")
     parser.add_argument("--cleanup_steps", type=int, default=100, help="steps per block of the cleanup comparison")
     parser.add_argument("--cleanup_rounds", type=int, default=2, help="alternating blocks per variant")
+    parser.add_argument("--cap_gib", type=float, default=19.0,
+                        help="GPU memory this process may use: a 20 GB card less its context (0: no cap)")
     parser.add_argument("--vocab_size", type=int, default=32000)
     parser.add_argument("--prompt_len", type=int, default=192)
     parser.add_argument("--response_len", type=int, default=192)
@@ -117,7 +125,7 @@ def run_steps(stepper, bundle, steps: int, cleanup_every: int = 0) -> float | No
     synchronize()
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        if stepper.run(bundle, LEARNING_RATE, False).out_of_memory:
+        if stepper.run(bundle, LEARNING_RATE).out_of_memory:
             return None
         if cleanup_every and step % cleanup_every == cleanup_every // 2:
             release_memory()
@@ -146,6 +154,38 @@ def largest_fitting_batch(results: list) -> int | None:
     (b1, m1), (b2, m2) = [(r["batch"], r["reserved"]) for r in measured[-2:]]
     per_row = (m2 - m1) / (b2 - b1)
     return math.floor(b2 + (FIT_BYTES - m2) / per_row) if per_row > 0 else None
+
+
+def cap_memory(cap_gib: float) -> None:
+    """Make a large card behave like a small one: the allocator raises OutOfMemoryError past `cap_gib`."""
+    if cap_gib > 0 and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
+
+
+def kernels_of_one_step(stepper, bundle) -> list[str]:
+    """The attention-related kernels (and softmax/bmm, which only the unfused path runs) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        stepper.run(bundle, LEARNING_RATE)
+        synchronize()
+    # On a GPU the device kernels (flash/memory-efficient attention or the unfused softmax and bmm); on a CPU the
+    # operators, as there are no kernels.
+    wanted = "CUDA" if torch.cuda.is_available() else "CPU"
+    names = {event.key for event in profiler.key_averages() if event.device_type.name == wanted}
+    return sorted(name for name in names if any(mark in name.lower() for mark in ATTENTION_KERNEL_MARKS)
+                  and not name.startswith("autograd::"))
+
+
+def allocated_per_row(results: list) -> float | None:
+    """GiB of peak allocated memory per row of batch, through the two largest batches that ran."""
+    measured = [r for r in results if r["seconds"] is not None and "allocated" in r]
+    if len(measured) < 2:
+        return None
+    (b1, m1), (b2, m2) = [(r["batch"], r["allocated"]) for r in measured[-2:]]
+    return (m2 - m1) / (b2 - b1) / GIB
 
 
 def time_release(calls: int = 5) -> float:
@@ -192,6 +232,7 @@ def main() -> None:
         smoke_settings(args)
         print("SMOKE TEST ON CPU (no CUDA device): tiny model, fp32, a few steps. These are NOT GPU figures; "
               "run this script on the GPU machine for the real ones.\n")
+    cap_memory(args.cap_gib)
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as scratch:
         cfg = TrainConfigPretrainLarge(output_dir=scratch, mixed_precision="bf16", gradient_accumulation_steps=1)
         runtime = start_processes(cfg)[1]
@@ -201,7 +242,8 @@ def main() -> None:
         model = build_model(model_cfg, StandInTokenizer(args.vocab_size))
         encoder, decoder, embedding = stack_parameters(model)
         parameters = count_parameters(model)
-        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.weight_decay))
+        model.to(accelerator.device)  # as build_run does: a fused optimizer is built on the device
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
         stepper = StepRunner(accelerator, model, optimizer, cfg.max_grad_norm)
         freeze_startup_objects()  # as train_loop does before its first step
 
@@ -240,7 +282,12 @@ def main() -> None:
                 print(f"batch 32 fits in 20 GiB: {'yes' if fits else 'no'}")
             fitting = [r["batch"] for r in results if r["seconds"] is not None and r["reserved"] <= FIT_BYTES]
             print(f"largest measured batch within 20 GiB: {max(fitting) if fitting else 'none'}; extrapolated "
-                  f"largest: {largest_fitting_batch(results) or 'n/a'}")
+                  f"largest: {largest_fitting_batch(results) or 'n/a'}; allocated memory per row: "
+                  f"{allocated_per_row(results) or float('nan'):.3f} GiB; cap {args.cap_gib} GiB")
+        kernel_batch = next((int(b) for b in args.batches.split(",") if int(b) == args.cleanup_batch),
+                            int(args.batches.split(",")[0]))
+        print(f"attention kernels at batch {kernel_batch}: "
+              f"{', '.join(kernels_of_one_step(stepper, make_bundle(args, kernel_batch, cuda))) or 'none named'}")
         cleanup_comparison(args, stepper, cuda)
         accelerator.end_training()
     if not cuda:

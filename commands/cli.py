@@ -13,11 +13,12 @@ import sys
 import fire
 
 from commands.flags import FlagProblem, build, closest, help_text, to_bool
-from config import ConfigChoice, TrainConfig, TrainConfigPretrainLarge
+from config import ConfigChoice, GivenFlags, TrainConfig, TrainConfigPretrainLarge
 from utils.errors import RunAborted, UserError, UserErrors
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ABORTED = 1
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 # What Fire is shown of every command, so that it hands over every argument: with the real signature it reports
 # unknown flags and missing arguments itself, in several lines of usage text, and only after the command ran.
 TAKES_EVERYTHING = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
@@ -26,12 +27,14 @@ TAKES_EVERYTHING = inspect.Signature([inspect.Parameter("args", inspect.Paramete
 
 def command(function):
     """A CLI command whose parameters are typed by the dataclasses whose fields are its flags, e.g.
-    `def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig)`.
+    `def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig)`. A parameter typed `GivenFlags`
+    receives the names of the flags the user typed.
 
     Every flag is checked against them before the command runs: each problem is one `error:` line, exit code 2.
     A RunAborted while it runs prints its reason and exits 1. Neither shows a traceback.
     """
-    classes = [parameter.annotation for parameter in inspect.signature(function).parameters.values()]
+    parameters = [parameter.annotation for parameter in inspect.signature(function).parameters.values()]
+    classes = [cls for cls in parameters if cls is not GivenFlags]
 
     @fire.decorators.SetParseFn(str)
     @functools.wraps(function)
@@ -41,12 +44,14 @@ def command(function):
             print(command_help(function, classes))
             return
         try:
-            function(*parse(classes, args, flags))
+            instances = iter(parse(classes, args, flags))
+            given = GivenFlags(name.replace("-", "_") for name in flags)
+            function(*(given if cls is GivenFlags else next(instances) for cls in parameters))
         except UserError as error:
             problems = error.problems if isinstance(error, UserErrors) else [str(error)]
-            sys.exit(report(problems, EXIT_USER_ERROR, error.every_rank))
+            leave(report(problems, EXIT_USER_ERROR, error.every_rank), error.every_rank)
         except RunAborted as error:
-            sys.exit(report([str(error)], EXIT_RUN_ABORTED, error.every_rank))
+            leave(report([str(error)], EXIT_RUN_ABORTED, error.every_rank), error.every_rank)
 
     run.__signature__ = TAKES_EVERYTHING
     return run
@@ -95,8 +100,17 @@ def large_config_defaults() -> str:
 
 def main(commands: dict, argv: list[str] | None = None) -> None:
     """Run the command named first on the command line (`argv`, default sys.argv[1:]) through Fire. A missing or
-    unknown name is one `error:` line (Fire would print its usage text); `--help` lists the commands."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown name is one `error:` line (Fire would print its usage text); `--help` lists the commands. Output cut
+    short by its reader (`train --help | head`) ends the command quietly."""
+    try:
+        dispatch(commands, sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:
+        # Python would print a traceback when it flushes stdout at exit: point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+def dispatch(commands: dict, argv: list[str]) -> None:
     name = argv[0] if argv else ""
     if name in ("-h", "--help"):
         print("commands (python train_low_mem.py COMMAND --help lists the flags of each):")
@@ -108,6 +122,17 @@ def main(commands: dict, argv: list[str] | None = None) -> None:
         what = (f"unknown command {name!r}" if name else "no command") + (f" (did you mean {guess}?)" if guess else "")
         sys.exit(report([f"{what}; the commands are {', '.join(commands)} (see --help)"], EXIT_USER_ERROR))
     fire.Fire(commands, command=argv)
+
+
+def leave(exit_code: int, every_rank: bool) -> None:
+    """Exit. After a stop only this rank knows of, the others may be waiting for it inside a collective, and the
+    interpreter's own shutdown (joining library threads) could wait for them in turn: such a rank ends at once,
+    so that the launcher sees it fail and stops the others."""
+    if every_rank:
+        sys.exit(exit_code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def report(problems: list[str], exit_code: int, every_rank: bool = True) -> int:

@@ -92,7 +92,7 @@ def run_demo(flags: DemoFlags, cfg: TrainConfigDemo, model_cfg: T5ModelConfigDem
     if problems:
         raise UserErrors(problems)
     cfg = replace(cfg, output_dir=output_dir,
-                  **{name: getattr(cfg, name).replace(OUTPUT_DIR, output_dir) for name in OWN_PATHS})
+                  **{name: getattr(cfg, name).replace(OUTPUT_DIR, output_dir) for name in OWN_PATHS + ("log_dir",)})
     start_over(output_dir)
     write_demo_parquet(cfg.train_file, flags.train_rows, seed=1)
     write_demo_parquet(cfg.validation_file, flags.valid_rows, seed=2)

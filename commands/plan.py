@@ -22,8 +22,8 @@ CUDA_HOST_BYTES = GIB
 WORKER_BYTES = GIB // 4
 ASSUMED_ROW_BYTES = 1024  # stored bytes per row when no training file can be read (plans made with --num_samples)
 TOKEN_ID_BYTES = 4  # the dataset keeps a window's token ids as int32
-# State: fp32 weights and AdamW's two moments; model directories: fp32 safetensors.
-STATE_BYTES_PER_PARAMETER, MODEL_BYTES_PER_PARAMETER = 12, 4
+# Model directories and the state's weights: fp32 safetensors (the state adds the optimizer's own).
+MODEL_BYTES_PER_PARAMETER = 4
 
 
 def training_rows(cfg, num_samples: int) -> tuple[int, str]:
@@ -98,12 +98,12 @@ def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool
     return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "analytic", analytic
 
 
-def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, probe: bool, notes: list) -> dict:
+def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, optimizer_bytes: int, probe: bool, notes: list) -> dict:
     from commands.plan_memory import gpu_memory
 
     activations, method, analytic = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes)
     rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
-    parts = gpu_memory(parameters, activations, num_processes)
+    parts = gpu_memory(parameters, optimizer_bytes, activations)
     total = sum(parts.values())
 
     def total_with(other_rows: int, other_seq: int) -> int:
@@ -132,13 +132,12 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, num_processes: int, pr
 
 def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
     import psutil
+    import torch
 
-    from training.runtime import LOW_RAM_BYTES
+    from training.runtime import decide
 
     window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * 2 * cfg.max_seq_len * TOKEN_ID_BYTES)
-    workers, ram = cfg.num_workers, psutil.virtual_memory().total
-    if workers == "auto":  # as the trainer decides on a GPU machine (training.runtime.decide), from this one's RAM
-        workers = 0 if ram < LOW_RAM_BYTES else 2
+    workers, ram = decide(cfg).num_workers, psutil.virtual_memory().total  # as the trainer decides on this machine
     parts = {
         "libraries": psutil.Process().memory_info().rss,
         "cuda_runtime": CUDA_HOST_BYTES,
@@ -146,22 +145,29 @@ def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
         "data_window": round(window),
         "workers": round(workers * (WORKER_BYTES + window)),
     }
-    how = f" (auto: {ram / GIB:.0f} GiB of RAM here, 0 below 15)" if cfg.num_workers == "auto" else ""
+    how = (f" (auto: {ram / GIB:.0f} GiB of RAM and {'a' if torch.cuda.is_available() else 'no'} GPU here; 0 "
+           "below 15 GiB or without a GPU, else 2)" if cfg.num_workers == "auto" else "")
     return dict(parts=parts, total=sum(parts.values()), workers=workers, workers_note=f"{workers} workers{how}")
 
 
-def disk_plan(cfg, parameters: int) -> dict:
+def disk_plan(cfg, parameters: int, optimizer_bytes: int) -> dict:
     from training.preflight import nearest_existing
 
     model = MODEL_BYTES_PER_PARAMETER * parameters
-    parts = {"best_models": cfg.keep_latest_n_ckp * model, "final": model,
-             "state": 2 * STATE_BYTES_PER_PARAMETER * parameters}
+    parts = {"best_models": cfg.keep_latest_n_ckp * model, "final": model, "state": 2 * (model + optimizer_bytes)}
     free = shutil.disk_usage(nearest_existing(cfg.output_dir)).free
     return dict(parts=parts, total=sum(parts.values()), free=free, model=model)
 
 
 def hours(steps: int, seconds: float) -> float:
-    return round(steps * seconds / 3600, 2)
+    return round(steps * seconds / 3600, 4)
+
+
+def duration(hours_: float) -> str:
+    """A span of time in the unit that reads best: 21.7 h, 35 min, 40 s."""
+    if hours_ >= 1:
+        return f"{hours_:.1f} h"
+    return f"{hours_ * 60:.0f} min" if hours_ * 60 >= 1 else f"{hours_ * 3600:.0f} s"
 
 
 def gib(size: float) -> float:
@@ -219,12 +225,14 @@ def human_report(plan: dict) -> str:
                        f"vocab {plan['vocab']:,} from {plan['vocab_source']}")])
     section("GPU memory per process (GiB)", [
         ("weights", f"{gib(gpu['parts']['weights']):.2f}", "fp32, 4 bytes per parameter"),
-        ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"),
-        ("AdamW moments", f"{gib(gpu['parts']['adam_moments']):.2f}", "fp32, 8 bytes per parameter"),
+        ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"
+         + ("; they are DDP's all-reduce buckets (no copy)" if processes > 1 else "")),
+        ("optimizer state", f"{gib(gpu['parts']['optimizer_state']):.2f}",
+         f"--optimizer={cfg.optimizer}: " + ("two fp32 moments, 8 bytes per parameter" if cfg.optimizer == "adamw"
+                                             else "factored second moments, a row and a column per matrix")),
         ("activations", f"{gib(gpu['parts']['activations']):.2f}",
-         f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens, {precision} ({gpu['method']}), peak"),
-        ("DDP gradient buckets", f"{gib(gpu['parts']['ddp_buckets']):.2f}",
-         "a second copy of the gradients" if processes > 1 else "none with one process"),
+         f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens, {precision} ({gpu['method']}), peak, attention "
+         "as CUDA's memory-efficient SDPA kernel keeps it"),
         ("CUDA context", f"{gib(gpu['parts']['cuda_context']):.2f}", "outside PyTorch's allocator"),
         ("total", f"{gib(gpu['total']):.2f}", f"{free_ratio} ({abs(spare) / GIB:.1f} GiB "
          + ("left)" if spare >= 0 else "over)")),
@@ -244,22 +252,22 @@ def human_report(plan: dict) -> str:
          f"{cfg.keep_latest_n_ckp} x {gib(disk['model']):.2f} (fp32 safetensors)"),
         ("final/", f"{gib(disk['parts']['final']):.2f}", ""),
         ("resumable state", f"{gib(disk['parts']['state']):.2f}",
-         "weights and AdamW moments, twice while a new one replaces the old"),
+         "weights and optimizer state, twice while a new one replaces the old"),
         ("total", f"{gib(disk['total']):.2f}", f"{gib(disk['free']):.2f} GiB free there now"),
     ])
     if plan["step_time"]:
         section("Time (evaluations not included)", [
             ("step time", f"{plan['step_time']:g} s", "--step_time"),
-            ("hours per epoch", f"{plan['hours_per_epoch']:.1f}", ""),
-            ("hours in total", f"{plan['hours_total']:.1f}", f"{steps['total_steps']:,} steps"),
+            ("time per epoch", duration(plan["hours_per_epoch"]), ""),
+            ("time in total", duration(plan["hours_total"]), f"{steps['total_steps']:,} steps"),
         ])
     else:
         low, high = GUIDE_STEP_SECONDS
         per_epoch, total = plan["example_hours_per_epoch"], plan["example_hours_total"]
         section("Time", [
             ("step time", "not given", "--step_time=SECONDS, as your GPUs log it (seconds per step)"),
-            (f"at {low}-{high} s/step", f"{per_epoch[0]:.1f}-{per_epoch[1]:.1f}",
-             f"hours per epoch, {total[0]:.1f}-{total[1]:.1f} in total (the guide's estimate, an example)"),
+            (f"at {low}-{high} s/step", f"{duration(per_epoch[0])}-{duration(per_epoch[1])}",
+             f"per epoch, {duration(total[0])}-{duration(total[1])} in total (the guide's estimate, an example)"),
         ])
     for title, items in (("Suggestions", gpu["suggestions"]), ("Notes", plan["notes"])):
         if items:
@@ -269,7 +277,8 @@ def human_report(plan: dict) -> str:
 
 
 def run_plan(flags: PlanFlags, cfg, model_cfg) -> None:
-    from model.t5 import estimate_parameters
+    from model.t5 import estimate_parameters, parameter_shapes
+    from training.optim import state_bytes
 
     cfg = with_resolved_paths(cfg)
     rows, rows_source = training_rows(cfg, flags.num_samples)
@@ -281,12 +290,13 @@ def run_plan(flags: PlanFlags, cfg, model_cfg) -> None:
                      "steps: the learning rate never reaches --learn_rate")
     vocab, vocab_source = vocabulary(cfg)
     parameters = estimate_parameters(model_cfg, vocab)
+    optimizer_bytes = state_bytes(cfg.optimizer, parameter_shapes(model_cfg, vocab))
     host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
-    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, flags.num_processes, flags.probe, notes)
+    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, optimizer_bytes, flags.probe, notes)
     seconds = flags.step_time
     plan = dict(
         cfg=cfg, model_cfg=model_cfg, steps=steps, rows_source=rows_source, vocab=vocab, vocab_source=vocab_source,
-        parameters=parameters, gpu=gpu, host=host, disk=disk_plan(cfg, parameters), notes=notes,
+        parameters=parameters, gpu=gpu, host=host, disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes,
         step_time=seconds or None,
         hours_per_epoch=hours(steps["steps_per_epoch"], seconds) if seconds else None,
         hours_total=hours(steps["total_steps"], seconds) if seconds else None,

@@ -1,7 +1,8 @@
 """GPU memory of one training process, worked out without a GPU (for `plan`).
 
-A process holds, between micro-batches, 16 bytes per parameter: fp32 weights (4), the gradients kept from one
-micro-batch to the next while accumulating (4) and AdamW's two moments (8). On top of that each micro-batch needs
+A process holds, between micro-batches, 8 bytes per parameter plus the optimizer's state: fp32 weights (4), the
+gradients kept from one micro-batch to the next while accumulating (4), and AdamW's two moments (8 more) or the
+Adafactors' factored second moments (a row and a column per matrix: a few MB for the large model). On top of that each micro-batch needs
 its activations: what the forward pass saves for the backward pass plus the transient tensors of the backward
 pass (the largest: two fp32 gradients over the whole vocabulary for every token, at the loss).
 
@@ -14,6 +15,7 @@ byte for byte (tests/test_plan_plot.py). Mixed precision runs under CPU autocast
 coefficients counted by the probe on transformers' T5.
 """
 import contextlib
+import unittest.mock
 import weakref
 
 import torch
@@ -25,10 +27,7 @@ from model.loss import token_loss_sum
 from model.t5 import StandInTokenizer, build_model
 
 GIB = 1024**3
-WEIGHT_BYTES, GRADIENT_BYTES, ADAM_BYTES = 4, 4, 8  # per parameter, all fp32
-# DDP reduces gradients through buckets that are a second copy of them (Accelerate leaves
-# gradient_as_bucket_view off), allocated at the first backward pass and kept.
-DDP_BUCKET_BYTES = 4
+WEIGHT_BYTES, GRADIENT_BYTES = 4, 4  # per parameter, fp32 (the optimizer's state: `training.optim.state_bytes`)
 # The CUDA context and cuBLAS workspaces: on the card (nvidia-smi) but outside PyTorch's allocator.
 CUDA_CONTEXT_BYTES = GIB // 2
 # Bytes per token of activations (both sequences have max_seq_len tokens), counted by the probe. Per encoder or
@@ -43,6 +42,10 @@ _PER_TOKEN = {
     "16-bit": dict(encoder=(28, 6, 14, 12), decoder=(44, 6, 28, 24), outside_d_model=36, weight_copy=2),
 }
 _VOCAB_SAVED, _VOCAB_BACKWARD = 4, 8
+# Bytes per attention-score element (rows x heads x query x key tokens, per attention) that only the CPU's math
+# attention keeps at the peak, fitted to the probe with and without `EfficientAttention` (within 0.3% for the
+# guide's model at its length): the coefficients above count the CPU's path.
+_CPU_ONLY_ATTENTION_BYTES = {"fp32": 10.6, "16-bit": 13.3}
 
 
 def autocast_dtype_name(mixed_precision: str) -> str | None:
@@ -55,9 +58,11 @@ class AnalyticActivations:
 
     method = "analytic"
 
-    def __init__(self, model_cfg, vocab: int, mixed_precision: str, parameters: int):
+    def __init__(self, model_cfg, vocab: int, mixed_precision: str, parameters: int, cuda_attention: bool = True):
         self.model_cfg, self.vocab, self.parameters = model_cfg, vocab, parameters
-        self.coefficients = _PER_TOKEN["16-bit" if autocast_dtype_name(mixed_precision) else "fp32"]
+        self.precision = "16-bit" if autocast_dtype_name(mixed_precision) else "fp32"
+        self.coefficients = _PER_TOKEN[self.precision]
+        self.cuda_attention = cuda_attention
 
     def bytes(self, rows: int, seq_len: int) -> int:
         cfg, coefficients = self.model_cfg, self.coefficients
@@ -65,8 +70,11 @@ class AnalyticActivations:
         layer = lambda kind: sum(c * w for c, w in zip(coefficients[kind], widths))
         per_token = (cfg.num_layers * layer("encoder") + cfg.num_decoder_layers * layer("decoder")
                      + coefficients["outside_d_model"] * cfg.d_model + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab)
-        return coefficients["weight_copy"] * self.parameters + per_token * rows * seq_len
-
+        total = coefficients["weight_copy"] * self.parameters + per_token * rows * seq_len
+        if self.cuda_attention:
+            attentions = cfg.num_layers + 2 * cfg.num_decoder_layers
+            total -= _CPU_ONLY_ATTENTION_BYTES[self.precision] * attentions * rows * cfg.num_heads * seq_len**2
+        return round(total)
 
 
 class PeakBytes(TorchDispatchMode):
@@ -101,11 +109,48 @@ class PeakBytes(TorchDispatchMode):
         self.live -= self.sizes.pop(key, 0)
 
 
-def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None) -> int:
+class EfficientAttention(torch.autograd.Function):
+    """What CUDA's memory-efficient attention kernel allocates and keeps, standing in for it in the probe.
+
+    On a GPU, `scaled_dot_product_attention` with T5's float position-bias mask runs the memory-efficient kernel
+    (flash attention takes no float mask): it keeps query, key, value, the mask, the output and one log-sum-exp per
+    query row for the backward pass, never the attention probabilities, and applies dropout inside. The CPU's math
+    path instead stores the probabilities and their dropout mask for every layer (both grow with the square of the
+    sequence), so a probe on the CPU's own kernel overstates a GPU run.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask):
+        output = query.new_empty(*query.shape[:-1], value.shape[-1])
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, mask, output, log_sum_exp)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, mask, _, _ = ctx.saved_tensors
+        grad_mask = torch.empty_like(mask) if ctx.needs_input_grad[3] else None
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask
+
+
+def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+    """`scaled_dot_product_attention` as the memory-efficient kernel allocates it, autocast included (which casts
+    every floating input, the mask too, to the 16-bit type)."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        attn_mask = attn_mask.to(dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    return EfficientAttention.apply(query, key, value, attn_mask)
+
+
+def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None,
+                    cuda_attention: bool = False) -> int:
     """Peak bytes allocated by one forward and backward pass of `model` on `rows` rows of `seq_len` tokens.
 
     With `fake_mode` (the FakeTensorMode the model was built in) nothing is computed; without it the step runs
-    for real on the CPU, which is how the tests check the fake figure.
+    for real on the CPU, which is how the tests check the fake figure. `cuda_attention` models the attention
+    kernel a CUDA run uses (`EfficientAttention`) instead of the CPU's.
     """
     dtype = autocast_dtype_name(mixed_precision)
     model.train()
@@ -115,7 +160,9 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
         tracker = PeakBytes()
         hooks = [parameter.register_post_accumulate_grad_hook(lambda p: tracker.forget(id(p.grad.untyped_storage())))
                  for parameter in model.parameters()]
-        with tracker:
+        attention = (unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", efficient_attention)
+                     if cuda_attention else contextlib.nullcontext())
+        with tracker, attention:
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
                 # No attention mask: transformers asks a mask whether it is all ones, which fake tensors cannot
                 # answer; the mask itself is rows x seq_len integers, nothing next to the activations.
@@ -136,23 +183,23 @@ class ProbedActivations:
 
     method = "probe"
 
-    def __init__(self, model_cfg, vocab: int, mixed_precision: str):
-        self.mixed_precision = mixed_precision
+    def __init__(self, model_cfg, vocab: int, mixed_precision: str, cuda_attention: bool = True):
+        self.mixed_precision, self.cuda_attention = mixed_precision, cuda_attention
         self.fake_mode = FakeTensorMode()
         with self.fake_mode:
             self.model = build_model(model_cfg, StandInTokenizer(vocab))
 
     def bytes(self, rows: int, seq_len: int) -> int:
-        return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode)
+        return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode, self.cuda_attention)
 
 
-def gpu_memory(parameters: int, activation_bytes: int, num_processes: int) -> dict:
-    """One process's GPU memory in bytes, part by part, in the order a reader adds them up."""
+def gpu_memory(parameters: int, optimizer_bytes: int, activation_bytes: int) -> dict:
+    """One process's GPU memory in bytes, part by part, in the order a reader adds them up. With several processes
+    the gradients are views into DDP's all-reduce buckets (`gradient_as_bucket_view`): no second copy."""
     return {
         "weights": WEIGHT_BYTES * parameters,
         "gradients": GRADIENT_BYTES * parameters,
-        "adam_moments": ADAM_BYTES * parameters,
+        "optimizer_state": optimizer_bytes,
         "activations": activation_bytes,
-        "ddp_buckets": DDP_BUCKET_BYTES * parameters if num_processes > 1 else 0,
         "cuda_context": CUDA_CONTEXT_BYTES,
     }

@@ -50,7 +50,13 @@ def series(records: dict, event: str, field: str) -> tuple[list, list]:
     return [step for step, _ in points], [value for _, value in points]
 
 
-def draw(path: str, title: str, ylabel: str, lines: list) -> None:
+# Charts of quantities that start at 0 (a score, a rate) show 0: autoscaled to the data alone, a flat BLEU-4 of 0
+# drew as a rising line on an axis of 1e-5 steps.
+FROM_ZERO = {"BLEU-4", "learning rate"}
+
+
+def chart(title: str, ylabel: str, lines: list):
+    """The figure of one chart; no axis uses an offset (every tick shows its own value)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 4.8), layout="constrained")
@@ -59,9 +65,13 @@ def draw(path: str, title: str, ylabel: str, lines: list) -> None:
         # A single point (one evaluation so far) would be invisible as a line.
         axes.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3)
     axes.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    if ylabel in FROM_ZERO:
+        highest = max(max(values) for _, values, _ in lines)
+        axes.set_ylim(bottom=0.0, top=1.05 * highest if highest > 0 else 1e-3)
+    axes.ticklabel_format(axis="y", useOffset=False)
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.savefig(path, dpi=110)
+    return figure
 
 
 def run_plot(output_dir: str) -> list[str]:
@@ -78,7 +88,7 @@ def run_plot(output_dir: str) -> list[str]:
         if not lines:
             skipped.append(name)
             continue
-        draw(os.path.join(directory, name), title, ylabel, lines)
+        chart(title, ylabel, lines).savefig(os.path.join(directory, name), dpi=110)
         written.append(os.path.join(directory, name))
     print(f"wrote {len(written)} chart(s) from {metrics}:")
     for path in written:

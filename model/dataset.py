@@ -13,8 +13,10 @@ the stream without reading what comes before it:
 A position is therefore one number (the stream position of the next step), and resuming reads one window.
 """
 
+import hashlib
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -35,6 +37,8 @@ _RESPONSE_SORT_CHUNK_BATCHES = 8
 _TOKENIZE_SLICE = 512  # texts per tokenizer call
 # One fixed schema for windows, so files that store `large_string` concatenate with files storing `string`.
 _WINDOW_SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
+# The truncating encoders of this process, by (tokenizer definition, max_seq_len): see `_truncating_encoder`.
+_ENCODERS: dict[tuple[str, int], Tokenizer] = {}
 
 
 def global_batch_size(batch_size: int, world_size: int, gradient_accumulation_steps: int) -> int:
@@ -163,9 +167,11 @@ class _Ragged:
         offsets = np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, starts)])
         return _Ragged(np.concatenate([part.flat for part in parts]), offsets)
 
-    def padded(self, fill: int) -> tuple[np.ndarray, np.ndarray]:
-        """An int64 matrix right-padded with `fill`, and the mask of its real tokens."""
-        real = np.arange(self.lengths.max()) < self.lengths[:, None]
+    def padded(self, fill: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """An int64 matrix right-padded with `fill` to a width that is a multiple of `multiple`, and the mask of its
+        real tokens."""
+        width = -(-int(self.lengths.max()) // multiple) * multiple
+        real = np.arange(width) < self.lengths[:, None]
         matrix = np.full(real.shape, fill, dtype=np.int64)
         matrix[real] = self.flat
         return matrix, real
@@ -200,8 +206,10 @@ class LowMemParquetDataset(IterableDataset):
     """
 
     def __init__(self, files, tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000, seed=0, rank=0,
-                 world_size=1, ultra_low_mem=True, gradient_accumulation_steps=1, yield_steps=False):
+                 world_size=1, ultra_low_mem=True, gradient_accumulation_steps=1, yield_steps=False,
+                 pad_to_multiple_of=1):
         for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size), ("buffer_size", buffer_size),
+                            ("pad_to_multiple_of", pad_to_multiple_of),
                             ("world_size", world_size), ("gradient_accumulation_steps", gradient_accumulation_steps)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -211,6 +219,7 @@ class LowMemParquetDataset(IterableDataset):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.ultra_low_mem, self.yield_steps = bool(ultra_low_mem), bool(yield_steps)
+        self.pad_to_multiple_of = int(pad_to_multiple_of)  # a compiled model sees few distinct shapes
 
         self._paths = expand_paths(files)
         rows_per_file = [read_footer(path).row_group_rows for path in self._paths]
@@ -231,13 +240,23 @@ class LowMemParquetDataset(IterableDataset):
         self._stream = None  # the row group being read, positioned where the last read stopped
 
     def _truncating_encoder(self, tokenizer) -> Tokenizer:
-        """A private copy of the fast backend that truncates to max_seq_len tokens with [EOS] kept last."""
+        """A private copy of the fast backend that truncates to max_seq_len tokens with [EOS] kept last.
+
+        One per process for each tokenizer and length (`_ENCODERS`): the trainer builds a dataset every epoch, and
+        a tokenizers `Tokenizer` that has encoded an epoch keeps its word cache's memory after it is gone (about
+        16 MB per epoch of distinct rows), while one reused instance levels off.
+        """
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if getattr(tokenizer, "backend_tokenizer", None) is None or tokenizer.pad_token_id is None:
             raise UserError(f"tokenizer {name}: needs a fast tokenizer with a pad token")
-        encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        encoder.no_padding()
-        encoder.enable_truncation(max_length=self.max_seq_len)
+        definition = tokenizer.backend_tokenizer.to_str()
+        key = (hashlib.sha256(definition.encode()).hexdigest(), self.max_seq_len)
+        if key not in _ENCODERS:
+            encoder = Tokenizer.from_str(definition)
+            encoder.no_padding()
+            encoder.enable_truncation(max_length=self.max_seq_len)
+            _ENCODERS[key] = encoder
+        encoder = _ENCODERS[key]
         if encoder.encode("a").ids[-1:] != [tokenizer.eos_token_id]:
             raise UserError(f"tokenizer {name}: its post-processor must append the EOS token to every text")
         return encoder
@@ -337,17 +356,19 @@ class LowMemParquetDataset(IterableDataset):
             _Ragged.from_encodings(self._encoder.encode_batch_fast(texts.slice(start, _TOKENIZE_SLICE).to_pylist()))
             for start in range(0, len(texts), _TOKENIZE_SLICE)])
 
-    def _step_rows(self, epoch: int, lo: int, hi: int, layout_size: int, windows: dict) -> _Window:
-        """Stream rows [lo, hi), reading windows through `windows`, a cache of the ones this step needs."""
+    def _step_rows(self, epoch: int, lo: int, hi: int, layout_size: int, windows: dict, reader) -> _Window:
+        """Stream rows [lo, hi) from `windows`, the windows this step needs and the next one, each being read and
+        tokenized by `reader` (one background thread) while the steps before it train."""
         first, last = lo // self.buffer_size, (hi - 1) // self.buffer_size
         for stale in [w for w in windows if w < first]:
             del windows[stale]
+        for w in range(first, min(last + 2, -(-self.num_rows // self.buffer_size))):
+            if w not in windows:
+                windows[w] = reader.submit(self._window, epoch, w, layout_size)
         pieces = []
         for w in range(first, last + 1):
-            if w not in windows:
-                windows[w] = self._window(epoch, w, layout_size)
             start = w * self.buffer_size
-            pieces.append(windows[w].slice(max(lo - start, 0), min(hi, start + self.buffer_size) - start))
+            pieces.append(windows[w].result().slice(max(lo - start, 0), min(hi, start + self.buffer_size) - start))
         return pieces[0] if len(pieces) == 1 else _Window.concat(pieces)
 
     def _build_step(self, rows: _Window, micro_steps) -> tuple[list[MicroBatch], int, int]:
@@ -362,8 +383,8 @@ class LowMemParquetDataset(IterableDataset):
         if len(rows.usable) == 0:
             # A tail step with fewer rows than micro-batches: a row that trains no token keeps ranks in step.
             return MicroBatch(torch.tensor([[self._eos_id]]), torch.tensor([[1]]), torch.tensor([[LABEL_PAD]]))
-        input_ids, attention = rows.prompts.padded(self._pad_id)
-        labels, _ = rows.responses.padded(LABEL_PAD)
+        input_ids, attention = rows.prompts.padded(self._pad_id, self.pad_to_multiple_of)
+        labels, _ = rows.responses.padded(LABEL_PAD, self.pad_to_multiple_of)
         return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)),
                           torch.from_numpy(labels))
 
@@ -374,6 +395,17 @@ class LowMemParquetDataset(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         epoch, start, first_micro, layout_size = self._epoch, self._sample, self._micro, self._layout_size
         step_size, accumulation = self.global_batch_size, self.gradient_accumulation_steps
+        # One thread reads and tokenizes the windows ahead of the steps (Arrow and the tokenizer release the GIL),
+        # so a GPU step waits for no window; only it touches the open files and the row group stream.
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-reader")
+        try:
+            yield from self._items(epoch, start, first_micro, layout_size, step_size, accumulation, worker_id,
+                                   num_workers, reader)
+        finally:
+            reader.shutdown(wait=False, cancel_futures=True)
+
+    def _items(self, epoch, start, first_micro, layout_size, step_size, accumulation, worker_id, num_workers,
+               reader):
         windows = {}
         item = 0  # index of the next item in this rank's sequence; worker w yields items ≡ w (mod workers)
         for lo in range(start, self.num_rows, step_size):
@@ -385,8 +417,8 @@ class LowMemParquetDataset(IterableDataset):
             if not mine:
                 continue
             wanted = micro_steps if self.yield_steps else [micro_steps[t - items.start] for t in mine]
-            batches, step_tokens, skipped = self._build_step(self._step_rows(epoch, lo, hi, layout_size, windows),
-                                                             wanted)
+            rows = self._step_rows(epoch, lo, hi, layout_size, windows, reader)
+            batches, step_tokens, skipped = self._build_step(rows, wanted)
             self.skipped_rows += skipped
             if self.yield_steps:
                 self._advance(epoch, hi, 0)

@@ -13,7 +13,9 @@ def token_loss_sum(model, input_ids, attention_mask, labels, bare_model=None) ->
     `bare_model` is the unwrapped model when `model` is a DDP wrapper (which lacks the label-shifting helper).
     """
     decoder_input_ids = (bare_model or model).prepare_decoder_input_ids_from_labels(labels=labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    # No key/value cache: it serves generation; in a training forward every decoder layer would concatenate one.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                   use_cache=False).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD, reduction="sum")
     return loss, (labels != LABEL_PAD).sum()
 

@@ -43,6 +43,15 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameter_shapes(model_cfg, vocab_size: int) -> list[tuple]:
+    """The shape of every parameter `build_model` would make, without allocating it (a model on the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, StandInTokenizer(vocab_size))
+    return [tuple(parameter.shape) for parameter in model.parameters()]
+
+
 def estimate_parameters(model_cfg, vocab_size: int) -> int:
     """The parameter count `build_model` would give, without building it (for `plan` and pre-flight)."""
     d, inner, buckets = model_cfg.d_model, model_cfg.num_heads * model_cfg.d_kv, model_cfg.relative_attention_num_buckets

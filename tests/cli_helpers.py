@@ -64,7 +64,7 @@ def tiny_run_flags(tmp_path, tokenizer_dir: str, data: dict, **overrides) -> dic
     """Flags of a seconds-long CPU run: tiny model, fp32, frequent logging, outputs under tmp_path."""
     flags = dict(data, tokenizer_dir=tokenizer_dir, output_dir=os.path.join(str(tmp_path), "out"),
                  log_dir=os.path.join(str(tmp_path), "logs"), max_seq_len=24, batch_size_per_gpu=8,
-                 gradient_accumulation_steps=1, dataloader_buffer_size=128, learn_rate=1e-3, warmup_steps=4,
+                 gradient_accumulation_steps=1, dataloader_buffer_size=128, learn_rate=1e-4, warmup_steps=4,
                  epochs=2, save_steps=10, logging_steps=1, eval_max_samples=16, eval_batch_size=16,
                  keep_latest_n_ckp=2, mixed_precision="no", num_workers=0, seed=7, memory_log_steps=10, **TINY_MODEL)
     flags.update(overrides)

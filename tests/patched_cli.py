@@ -5,7 +5,11 @@
 Environment variables choose the patches:
 - T5LM_TEST_OOM_FROM_ROWS=N: every micro-batch of at least N rows runs out of GPU memory in its forward pass;
 - with T5LM_TEST_OOM_IN_BACKWARD_ON_RANK=R as well: instead in the last micro-batch's backward, on rank R only;
-- T5LM_TEST_ECHO_FLAGS=1: `generate` prints the flags it received instead of loading a model.
+- T5LM_TEST_ECHO_FLAGS=1: `generate` prints the flags it received instead of loading a model;
+- T5LM_TEST_SLOW_FORWARD=S: every micro-batch's forward pass takes S seconds longer (a step long enough to be
+  interrupted in the middle);
+- T5LM_TEST_COUNT_COLLECTIVES=1: every optimizer step prints to stderr how many torch.distributed collectives
+  the Python side started during it (DDP's gradient all-reduce runs in C++ and is not counted).
 """
 import os
 import sys
@@ -20,6 +24,8 @@ from commands.cli import main  # noqa: E402
 OOM_FROM_ROWS = "T5LM_TEST_OOM_FROM_ROWS"
 OOM_IN_BACKWARD_ON_RANK = "T5LM_TEST_OOM_IN_BACKWARD_ON_RANK"
 ECHO_FLAGS = "T5LM_TEST_ECHO_FLAGS"
+SLOW_FORWARD = "T5LM_TEST_SLOW_FORWARD"
+COUNT_COLLECTIVES = "T5LM_TEST_COUNT_COLLECTIVES"
 
 
 def patch_out_of_memory(rows_limit: int, backward_rank: str | None) -> None:
@@ -45,6 +51,46 @@ def patch_out_of_memory(rows_limit: int, backward_rank: str | None) -> None:
         step.StepRunner.backward = backward_that_runs_out_of_memory
 
 
+def patch_slow_forward(seconds: float) -> None:
+    import time
+
+    import training.step as step
+
+    real_forward = step.StepRunner.forward
+
+    def slow_forward(self, batch):
+        time.sleep(seconds)
+        return real_forward(self, batch)
+
+    step.StepRunner.forward = slow_forward
+
+
+def patch_count_collectives() -> None:
+    import torch.distributed as dist
+
+    import training.step as step
+
+    started = [0]
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+                 "reduce", "gather", "scatter"):
+        real = getattr(dist, name)
+
+        def counted(*args, _real=real, **kwargs):
+            started[0] += 1
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    real_run = step.StepRunner.run
+
+    def counting_run(self, *args, **kwargs):
+        before = started[0]
+        outcome = real_run(self, *args, **kwargs)
+        print(f"collectives in step: {started[0] - before}", file=sys.stderr, flush=True)
+        return outcome
+
+    step.StepRunner.run = counting_run
+
+
 def patch_echo_flags() -> None:
     import commands.saved_model as saved_model
 
@@ -56,4 +102,8 @@ if __name__ == "__main__":
         patch_out_of_memory(int(os.environ[OOM_FROM_ROWS]), os.environ.get(OOM_IN_BACKWARD_ON_RANK))
     if os.environ.get(ECHO_FLAGS):
         patch_echo_flags()
+    if float(os.environ.get(SLOW_FORWARD, "0")):
+        patch_slow_forward(float(os.environ[SLOW_FORWARD]))
+    if os.environ.get(COUNT_COLLECTIVES):
+        patch_count_collectives()
     main(train_low_mem.COMMANDS)

@@ -51,7 +51,7 @@ def parse_train(argv: list[str]):
     """Run the real entry point (`main`, through Fire) for `train`, capturing the configs instead of training."""
     captured = {}
 
-    def capture(cfg, model_cfg):
+    def capture(cfg, model_cfg, given):
         captured.update(cfg=cfg, model_cfg=model_cfg)
 
     original = training.loop.run_training
@@ -235,3 +235,41 @@ def test_help_without_a_command_lists_every_command():
     result = run_cli_raw(["--help"])
     assert result.returncode == 0
     assert all(f"  {name} " in result.stdout for name in COMMAND_FLAGS)
+
+
+def test_help_cut_short_by_its_reader_ends_quietly():
+    import subprocess
+    import sys
+
+    from tests.cli_helpers import ENTRY, REPO, child_env
+
+    process = subprocess.Popen([sys.executable, ENTRY, "train", "--help"], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head` once it has read its lines: nobody reads what the command still writes
+    stderr = process.communicate(timeout=60)[1].decode()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr and process.returncode == 141
+
+
+@pytest.mark.parametrize("columns,problem", [
+    ({"question": ["问"], "answer": ["答"]}, "missing column 'prompt'"),
+    ({"prompt": [1, 2], "response": ["答", "答"]}, "column 'prompt' must hold strings"),
+])
+def test_evaluate_checks_its_file_as_train_does(tmp_path, columns, problem):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "valid.parquet"
+    pq.write_table(pa.table(columns), path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    result = run_cli_raw(["evaluate", f"--model_dir={tmp_path / 'model'}", f"--file={path}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"error: --file: {path}: {problem}" + (
+        " (columns: question, answer)\n" if "missing" in problem else ", found int64\n")
+
+
+def test_evaluate_reports_a_bad_model_and_a_bad_file_at_once(tmp_path):
+    result = run_cli_raw(["evaluate", f"--model_dir={tmp_path / 'nothing'}", f"--file={tmp_path / 'none.parquet'}"])
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 2
+    assert lines[0].startswith("error: --model_dir=") and lines[1].startswith("error: --file: ")

@@ -26,8 +26,8 @@ from tests.cli_helpers import (
     run_cli,
     tiny_run_flags,
 )
-from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK
-from training.checkpoint import BEST_DIR, STATE_DIR
+from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD
+from training.checkpoint import BEST_DIR, STATE_DIR, complete_states
 from utils.atomic import TMP_PREFIX
 
 pytestmark = pytest.mark.slow
@@ -134,12 +134,13 @@ def uninterrupted(tmp_path_factory, task):
     return flags
 
 
-def start_training(flags: dict, nproc: int = 1) -> subprocess.Popen:
-    launcher = [sys.executable, ENTRY] if nproc == 1 else [
+def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None) -> subprocess.Popen:
+    launcher = [sys.executable, entry] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-        str(29700 + os.getpid() % 200), ENTRY]
+        str(29700 + os.getpid() % 200), entry]
     return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=child_env(ACCELERATE_USE_CPU="true"))
+                            stderr=subprocess.STDOUT, text=True,
+                            env=child_env(ACCELERATE_USE_CPU="true", **(env or {})))
 
 
 def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
@@ -200,11 +201,13 @@ def kill_while_writing(process: subprocess.Popen, directory: str, prefix: str = 
 def test_kill_9_in_the_middle_of_a_save_then_resume_ends_bitwise_identical(tmp_path, task, uninterrupted, target):
     data, tokenizer_dir = task
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **CRASH_RUN)
-    caught_mid_save = [kill_while_writing(start_training(dict(flags, is_keep_training=attempt > 0)),
+    # A kill inside the first save leaves no complete state: then the user starts over, as the error says.
+    resumable = lambda: bool(complete_states(flags["output_dir"]))  # noqa: E731
+    caught_mid_save = [kill_while_writing(start_training(dict(flags, is_keep_training=resumable())),
                                           os.path.join(flags["output_dir"], target))
                        for attempt in range(3)]
     assert any(caught_mid_save), "no kill landed inside a save; the test did not test anything"
-    run_cli("train", dict(flags, is_keep_training=True))
+    run_cli("train", dict(flags, is_keep_training=resumable()))
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
     with open(os.path.join(flags["output_dir"], "checkpoints.json"), encoding="utf-8") as listing:
         best = json.load(listing)["best"]
@@ -217,7 +220,7 @@ def test_kill_9_in_the_middle_of_a_save_then_resume_ends_bitwise_identical(tmp_p
 def test_a_kill_after_a_new_best_model_but_before_its_state_is_saved_loses_no_best_model(tmp_path, task):
     data, tokenizer_dir = task
     common = dict(epochs=2, save_steps=4, eval_max_samples=16, eval_batch_size=16, keep_latest_n_ckp=1,
-                  learn_rate=3e-3)
+                  learn_rate=3e-4)
     reference = tiny_run_flags(tmp_path / "reference", tokenizer_dir, data, **common)
     run_cli("train", reference)
     scores = [(r["step"], r["bleu4"]) for r in read_metrics(reference["output_dir"], "eval")]
@@ -284,6 +287,37 @@ def test_ctrl_c_saves_a_resumable_state_and_exits_cleanly(tmp_path, task, uninte
     assert "Traceback" not in output
     run_cli("train", dict(flags, is_keep_training=True))
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
+
+
+SLOW_STEPS = {SLOW_FORWARD: 0.5}  # each micro-batch's forward takes half a second longer: steps of about 1 s
+
+
+def test_ctrl_c_stops_after_the_step_in_progress(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **dict(CRASH_RUN, save_steps=100))
+    process = start_training(flags, entry=PATCHED_ENTRY, env=SLOW_STEPS)
+    wait_for_line(process, "step 3/")  # step 3 is done: step 4 is in progress
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "after the step in progress" in output
+    assert "stopped by a signal at step 4" in output
+    assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == [1, 2, 3, 4]
+
+
+def test_a_second_ctrl_c_ends_the_run_at_once_with_one_line(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **dict(CRASH_RUN, save_steps=100))
+    process = start_training(flags, entry=PATCHED_ENTRY, env=SLOW_STEPS)
+    wait_for_line(process, "step 2/")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130 and time.time() - started < 5
+    assert "Traceback" not in output and output.count("error: ") == 1
+    assert "error: a second Ctrl-C: stopped at once" in output
 
 
 # ---------------------------------------------------------------- divergence and out of memory

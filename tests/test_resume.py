@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.cli_helpers import assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
+from tests.cli_helpers import TINY_MODEL, assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_resuming_with_another_global_batch_keeps_the_schedule_ending_at_a_tenth
     assert [r["step"] for r in records] == list(range(1, total + 1))
     rates = [r["lr"] for r in records]
     assert all(later <= earlier for earlier, later in zip(rates[4:], rates[5:]))  # cosine decay never rises
-    assert rates[-1] == pytest.approx(0.1 * 1e-3, rel=1e-9)
+    assert rates[-1] == pytest.approx(0.1 * flags["learn_rate"], rel=1e-9)
 
 
 def test_a_two_process_run_continues_on_one_process_at_the_same_global_sample(tmp_path, task):
@@ -130,11 +130,11 @@ def test_resuming_with_a_new_learning_rate_continues_and_says_what_changed(tmp_p
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=4, eval_max_samples=0, keep_latest_n_ckp=0,
                            warmup_steps=0)
     run_cli("train", flags)
-    result = run_cli("train", dict(flags, is_keep_training=True, max_steps=6, learn_rate=5e-4))
-    assert "--learn_rate changed from 0.001 to 0.0005" in result.stdout
+    result = run_cli("train", dict(flags, is_keep_training=True, max_steps=6, learn_rate=5e-5))
+    assert "--learn_rate changed from 0.0001 to 5e-05" in result.stdout
     records = read_metrics(flags["output_dir"], "train")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert records[4]["lr"] < 5e-4 < records[3]["lr"]
+    assert records[4]["lr"] < 5e-5 < records[3]["lr"]
 
 
 def test_a_fresh_run_refuses_to_overwrite_a_previous_runs_state(tmp_path, task):
@@ -172,3 +172,46 @@ def test_best_models_load_with_auto_classes_and_the_commands_use_them(uninterrup
     assert expected.strip() and answer.stdout == expected + "\n"
     missing = run_cli("generate", {"model_dir": os.path.join(output_dir, "nothing"), "prompt": "x"}, check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("error: --model_dir")
+
+
+def test_a_resume_takes_the_model_shape_and_tokenizer_from_the_saved_run(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=3, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    # The same training flags, but no model flag and no tokenizer (the defaults would be the 190M model).
+    essentials = {name: value for name, value in flags.items() if name not in TINY_MODEL and name != "tokenizer_dir"}
+    resumed = run_cli("train", dict(essentials, is_keep_training=True, max_steps=5))
+    assert "resumed from" in resumed.stdout and "step 3, epoch 0" in resumed.stdout
+    assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == [1, 2, 3, 4, 5]
+
+
+def test_a_model_flag_that_contradicts_the_saved_run_is_an_error_before_anything_is_built(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=2, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    result = run_cli("train", dict(flags, is_keep_training=True, d_ff=48, num_heads=4), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: cannot resume, the saved state is incompatible: --d_ff=48 was given, but the saved run in "
+        f"{flags['output_dir']} has 64",
+        f"error: cannot resume, the saved state is incompatible: --num_heads=4 was given, but the saved run in "
+        f"{flags['output_dir']} has 2"]
+    assert "model:" not in result.stdout and "log file" not in result.stdout  # nothing was built
+
+
+def test_resuming_a_directory_without_a_saved_state_is_an_error_naming_it(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=2)
+    result = run_cli("train", dict(flags, is_keep_training=True), check=False)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: --is_keep_training=True: --output_dir={flags['output_dir']} holds no saved state")
+    assert "leave out --is_keep_training" in result.stderr and not os.path.exists(flags["output_dir"])
+
+
+def test_each_epoch_end_saves_the_state_once(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, epochs=2, save_steps=1000, eval_max_samples=16)
+    result = run_cli("train", flags)
+    saves = [line for line in result.stdout.splitlines() if "saved resumable state" in line]
+    assert [line.split("at step ")[1].split(":")[0] for line in saves] == ["32", "64"]
+    assert len([r for r in read_metrics(flags["output_dir"], "eval")]) == 2

@@ -25,7 +25,7 @@ def accelerator():
 def prepared_stepper(accelerator, accumulation: int = 1) -> StepRunner:
     torch.manual_seed(0)
     model = build_model(MODEL, StandInTokenizer(VOCAB))
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, 0.01))
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, "adamw", 0.01))
     accelerator.gradient_accumulation_steps = accumulation
     return StepRunner(accelerator, model, optimizer, max_grad_norm=1.0)
 
@@ -53,13 +53,13 @@ def test_an_out_of_memory_in_the_middle_of_accumulation_leaves_no_gradient_behin
         return (None, True) if len(calls) == 3 else clean_forward(batch)
 
     stepper.forward = out_of_memory_on_the_third_micro_batch
-    assert stepper.run(bundle, RATE, False).out_of_memory
+    assert stepper.run(bundle, RATE).out_of_memory
     assert all(p.grad is None for p in stepper.model.parameters())
     stepper.forward = clean_forward
-    retried = stepper.run(bundle, RATE, False)
+    retried = stepper.run(bundle, RATE)
 
     reference = prepared_stepper(accelerator, accumulation=4)
-    once = reference.run(bundle, RATE, False)
+    once = reference.run(bundle, RATE)
     assert retried.loss == once.loss and retried.grad_norm == once.grad_norm
     for name, value in weights(stepper).items():
         assert torch.equal(value, weights(reference)[name]), name
@@ -73,7 +73,20 @@ def test_fp16_overflow_steps_are_skipped_by_the_loss_scaler_and_training_goes_on
     monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
     stepper = prepared_stepper(accelerator)
     before = weights(stepper)
-    outcomes = [stepper.run(step_of(1), RATE, False) for _ in range(3)]
+    outcomes = [stepper.run(step_of(1), RATE) for _ in range(3)]
     assert [outcome.finite for outcome in outcomes] == [False, True, True]
     assert accelerator.scaler.get_scale() == 2.0**7  # the scaler saw the overflow and lowered its scale
     assert any(not torch.equal(value, before[name]) for name, value in weights(stepper).items())
+
+
+def test_a_training_step_builds_no_key_value_cache(accelerator):
+    """A cache serves generation; in a training forward every decoder layer would concatenate one for nothing."""
+    stepper = prepared_stepper(accelerator)
+    caches = []
+    stepper.bare_model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    outcome = stepper.run(step_of(micro_batches=2), RATE)
+    assert outcome.finite and len(caches) == 2
+    assert caches == [None, None]
+    # The same model asked for a cache builds one: the hook sees it when there is one.
+    stepper.bare_model(**step_of(1).micro_batches[0].as_dict(), use_cache=True)
+    assert caches[-1] is not None

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_loss_falls_on_a_learnable_task_within_a_few_dozen_steps(tmp_path, task):
     data, tokenizer_dir = task
-    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=64, learn_rate=1e-2, save_steps=64)
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=64, learn_rate=3e-4, save_steps=64)
     run_cli("train", flags)
     losses = [r["loss"] for r in read_metrics(flags["output_dir"], "train")]
     assert len(losses) == 64

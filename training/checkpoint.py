@@ -113,11 +113,6 @@ class Checkpointer:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def latest(self) -> str | None:
-        """The newest complete state as the main process sees it (a rank with a stale directory listing must not
-        resume from another one)."""
-        return decided_by_main(self.accelerator, lambda: (complete_states(self.output_dir) or [None])[-1])
-
     def load(self, path: str) -> None:
         """Restore model, optimizer, scheduler, every rank's RNG states and the TrainingState."""
         self.accelerator.load_state(path)

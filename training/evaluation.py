@@ -1,9 +1,11 @@
 """Evaluation: validation loss and BLEU-4 of greedy generations, split across ranks and gathered as strings."""
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from tqdm import tqdm
 
 from model.loss import padded, token_loss_sum
 from model.parquet import first_usable_rows
@@ -47,15 +49,22 @@ class Evaluator:
             labels = padded([response_ids[i] for i in rows], -100)
             yield rows, input_ids, (input_ids != self.tokenizer.pad_token_id).long(), labels
 
+    @property
+    def batch_count(self) -> int:
+        return -(-len(self.prompts) // self.batch_size)
+
     @torch.no_grad()
-    def evaluate(self, model) -> EvalResult:
+    def evaluate(self, model, progress: bool = False) -> EvalResult:
+        """`progress`: a bar on an interactive terminal (the `evaluate` command; training logs lines instead)."""
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
         device = self.accelerator.device
         loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
         generations = [""] * len(self.prompts)
-        with self.accelerator.autocast():
+        bar = tqdm(total=self.batch_count, unit="batch", desc="evaluating",
+                   disable=not (progress and self.accelerator.is_main_process and sys.stderr.isatty()))
+        with self.accelerator.autocast(), bar:
             for rows, input_ids, attention_mask, labels in self.batches():
                 input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
                 batch_loss, batch_tokens = token_loss_sum(unwrapped, input_ids, attention_mask, labels)
@@ -65,6 +74,7 @@ class Evaluator:
                                             num_beams=1, max_new_tokens=self.max_seq_len, use_cache=True)
                 for row, text in zip(rows, self.tokenizer.batch_decode(output, skip_special_tokens=True)):
                     generations[row] = text
+                bar.update(1)
         unwrapped.train(was_training)
         totals = self.accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
         triples = gather_object(list(zip(self.prompts, self.references, generations)))

@@ -4,6 +4,7 @@ from torch.utils.data import DataLoader
 
 from config import split_paths
 from model.dataset import LowMemParquetDataset, StepBatch, global_batch_size, steps_per_epoch
+from training.signals import ignore_stop_signals
 
 
 class DataFeed:
@@ -19,7 +20,8 @@ class DataFeed:
         return LowMemParquetDataset(
             split_paths(cfg.train_file), self.tokenizer, max_seq_len=cfg.max_seq_len, batch_size=batch_size,
             buffer_size=cfg.dataloader_buffer_size, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
-            ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation, yield_steps=True)
+            ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation, yield_steps=True,
+            pad_to_multiple_of=8 if cfg.compile else 1)
 
     def global_batch_size(self, state) -> int:
         return global_batch_size(state.batch_size_per_gpu, self.world_size, state.gradient_accumulation_steps)
@@ -50,7 +52,8 @@ class DataFeed:
         # A private generator: starting an iterator draws a seed, and a draw from the global RNG would shift the
         # dropout masks of a resumed run away from those of the uninterrupted one.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.runtime.num_workers,
-                            pin_memory=self.runtime.pin_memory, generator=torch.Generator())
+                            pin_memory=self.runtime.pin_memory, generator=torch.Generator(),
+                            worker_init_fn=ignore_stop_signals)
         step: StepBatch
         for step in loader:
             yield step

@@ -9,6 +9,7 @@ from training.memory import freeze_startup_objects
 from training.preflight import check_before_training
 from training.recovery import guard_against_divergence, shrink_micro_batch
 from training.reporting import Reporter
+from training.resume import settings_to_resume
 from training.run import Run, build_run
 from training.runtime import build_accelerator, start_processes
 from training.schedule import learning_rate
@@ -17,9 +18,11 @@ from utils.errors import RunAborted
 log = logging.getLogger("trainer")
 
 
-def run_training(cfg, model_cfg) -> None:
+def run_training(cfg, model_cfg, given=frozenset()) -> None:
     cfg = with_resolved_paths(cfg)
     processes, runtime = start_processes(cfg)
+    if cfg.is_keep_training:
+        cfg, model_cfg = settings_to_resume(cfg, model_cfg, given, processes)
     # Every user mistake, before anything is built or written.
     warnings = check_before_training(cfg, model_cfg, processes.num_processes)
     run = build_run(cfg, model_cfg, build_accelerator(cfg, runtime), runtime)
@@ -55,7 +58,7 @@ def fit(run: Run) -> None:
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for step in run.feed.epoch_steps(state):
             rate = learning_rate(state, cfg.learn_rate, cfg.warmup_steps)
-            outcome = run.stepper.run(step, rate, run.signals.requested)
+            outcome = run.stepper.run(step, rate, run.signals.is_requested)
             if outcome.out_of_memory:
                 shrink_micro_batch(run, outcome)
                 break  # re-enter the epoch at the same position, split into smaller micro-batches
@@ -69,9 +72,11 @@ def fit(run: Run) -> None:
             # A save that falls on a non-finite step waits for the next good one: the kept state stays good.
             state.milestone_due = state.milestone_due or run.checkpointer.due(state.global_step)
             if state.milestone_due and outcome.finite:
-                milestone(run)
+                evaluate(run)
+                if state.epoch_sample < run.feed.num_rows:  # at an epoch's last step, the epoch's end saves once
+                    save_state(run)
             if outcome.stop_requested:
-                return finish(run, reporter, "stopped by a signal; resume with --is_keep_training=True")
+                return finish(run, reporter, "stopped by a signal", "; resume with --is_keep_training=True")
             if reached_max_steps(run) and state.epoch_sample < run.feed.num_rows:
                 break  # (at the epoch's last step the loop runs out by itself, and the epoch's end still happens)
         else:
@@ -83,8 +88,8 @@ def reached_max_steps(run: Run) -> bool:
     return 0 < run.cfg.max_steps <= run.state.global_step
 
 
-def milestone(run: Run) -> None:
-    """Evaluate (the model becomes a best-k candidate), then save the resumable state."""
+def evaluate(run: Run) -> None:
+    """Evaluate: the model becomes a best-k candidate. A save of the resumable state follows."""
     state = run.state
     state.milestone_due, state.milestone_step = False, state.global_step
     if run.evaluator.total:
@@ -99,7 +104,6 @@ def milestone(run: Run) -> None:
                      generation[:80])
         if run.best.keep and run.best.consider(run.model, state, result.bleu4):
             log.info("step %d entered the best %d (bleu4 %.4f)", state.global_step, run.best.keep, result.bleu4)
-    save_state(run)
 
 
 def end_of_epoch(run: Run) -> None:
@@ -107,10 +111,10 @@ def end_of_epoch(run: Run) -> None:
     log.info("epoch %d done at step %d (%d rows with an empty prompt or response skipped so far)", state.epoch,
              state.global_step, state.skipped_rows)
     if state.milestone_step != state.global_step:
-        milestone(run)
+        evaluate(run)
     state.epoch += 1
     state.epoch_sample = 0
-    save_state(run)
+    save_state(run)  # once: the position after the epoch's last step is the start of the next
 
 
 def save_state(run: Run) -> None:
@@ -120,9 +124,9 @@ def save_state(run: Run) -> None:
         run.best.sync_disk(run.state.best)
 
 
-def finish(run: Run, reporter: Reporter, reason: str) -> None:
+def finish(run: Run, reporter: Reporter, reason: str, advice: str = "") -> None:
     save_state(run)
     final = os.path.join(run.cfg.output_dir, FINAL_DIR)
     save_hf_model(run.accelerator, run.model, run.tokenizer, final)
     reporter.close()
-    log.info("%s at step %d: model in %s", reason, run.state.global_step, final)
+    log.info("%s at step %d: model in %s%s", reason, run.state.global_step, final, advice)

@@ -10,9 +10,17 @@ log = logging.getLogger("trainer")
 
 
 def memory_report() -> dict:
-    """Process RSS and available RAM, plus allocated / reserved / peak memory of each visible GPU, in MB."""
+    """This process's RSS and USS, its DataLoader workers' USS, available RAM, and allocated / reserved / peak
+    memory of the GPU, in MB.
+
+    USS (pages only this process holds) is what a process really costs a 12 GB host: forked workers share most
+    of their parent's pages, so adding RSS would count those pages once per worker.
+    """
+    process = psutil.Process()
     report = {
-        "rss_mb": round(psutil.Process().memory_info().rss / MB, 1),
+        "rss_mb": round(process.memory_info().rss / MB, 1),
+        "uss_mb": round(process.memory_full_info().uss / MB, 1),
+        "workers_uss_mb": round(sum(uss(child) for child in process.children(recursive=True)) / MB, 1),
         "available_ram_mb": round(psutil.virtual_memory().available / MB, 1),
     }
     if torch.cuda.is_available():
@@ -23,6 +31,13 @@ def memory_report() -> dict:
             gpu_peak_mb=round(torch.cuda.max_memory_allocated(device) / MB, 1),
         )
     return report
+
+
+def uss(process: psutil.Process) -> int:
+    try:
+        return process.memory_full_info().uss
+    except psutil.Error:  # a worker that ended between listing and reading
+        return 0
 
 
 def freeze_startup_objects() -> None:

@@ -1,17 +1,134 @@
-"""The optimizer: AdamW with decoupled weight decay. Its rate is set before every step (`training.schedule`)."""
+"""The optimizers `--optimizer` chooses, and what `learn_rate` means for each.
+
+T5 starts its shared embedding at std 1.0 and its dense weights near d_model^-0.5 or smaller (attention's q far
+smaller), so one absolute step size moves them by very different *relative* amounts: AdamW at the guide's 1e-4
+barely moves the embedding. A relative optimizer scales each tensor's step by that tensor's RMS, so every tensor
+changes by the same fraction per step (docs/BENCHMARKS.md, "Learning recipe", measures the alternatives).
+
+`learn_rate` keeps its meaning for every choice: the guide's 1e-4 is "the usual rate", 2e-4 twice it and 5e-5 half
+of it. Each optimizer's own rate is `learn_rate x rate_per_learn_rate` (set on every parameter group before every
+step, see `training.schedule`), and weight decay shrinks every decayed tensor by `learn_rate x weight_decay` per
+step (in learn_rate's units, as AdamW does), whichever optimizer runs.
+"""
+import math
+from dataclasses import dataclass
+
 import torch
 
+DEFAULT_OPTIMIZER = "adafactor_t5"
 
-def build_optimizer(model, weight_decay: float) -> torch.optim.AdamW:
-    """No weight decay on biases and normalisation weights (1-D tensors): decaying them only hurts."""
+
+@dataclass(frozen=True)
+class Recipe:
+    """One `--optimizer` choice."""
+
+    rate_per_learn_rate: float
+    """The optimizer's own rate when the schedule asks for `learn_rate`."""
+    relative: bool
+    """Steps scale with each tensor's RMS (needs whole tensors: not under DeepSpeed ZeRO or FSDP, which flatten)."""
+
+
+RECIPES = {
+    # Adafactor as T5 trained it, at the rate our measurements favour: relative steps (each tensor moves by a
+    # fraction of its RMS), factored second moments (almost no optimizer memory), update clipping, no momentum,
+    # and only the contract's warmup and cosine (no extra 1/sqrt(t) decay). 1e-4 -> a relative rate of 3e-2.
+    "adafactor_t5": Recipe(rate_per_learn_rate=300.0, relative=True),
+    # The original project's optimizer (torch's Adafactor, as torch_optimizer's with relative_step=True): relative
+    # step min(rate, 1/sqrt(t)) with parameter scaling. 1e-4 -> the original's rate 1e-2.
+    "adafactor": Recipe(rate_per_learn_rate=100.0, relative=True),
+    # AdamW with one absolute rate for every tensor: learn_rate is its rate.
+    "adamw": Recipe(rate_per_learn_rate=1.0, relative=False),
+}
+
+
+class RelativeAdafactor(torch.optim.Optimizer):
+    """Adafactor with relative steps and no internal schedule: each tensor p moves by `lr x max(eps2, RMS(p)) x U`,
+    U the gradient over the square root of its factored second moment, clipped to RMS(U) <= 1.
+
+    torch's Adafactor caps the rate at 1/sqrt(t) (its own schedule, which would fight the contract's) and reads two
+    numbers per tensor back to the host every step; this one runs on the device without synchronising.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps1: float = 1e-30,
+                 eps2: float = 1e-3, clip: float = 1.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip=clip,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [self._scaled_gradient(p, group) for p in params]
+            # Clip each update to RMS <= clip, then scale it by its tensor's RMS: all on the device.
+            sizes = [p.numel() ** 0.5 for p in params]
+            update_rms = [norm / size for norm, size in zip(torch._foreach_norm(updates), sizes)]
+            weight_rms = [norm / size for norm, size in zip(torch._foreach_norm(params), sizes)]
+            factors = [w.clamp(min=group["eps2"]) / (u / group["clip"]).clamp(min=1.0)
+                       for u, w in zip(update_rms, weight_rms)]
+            torch._foreach_mul_(updates, factors)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def _scaled_gradient(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The gradient divided by the root of its second moment, which is factored into row and column means
+        for matrices (memory: rows + columns instead of rows x columns)."""
+        grad, state = p.grad.float(), self.state[p]
+        if not state:
+            state["step"] = 0
+            if p.ndim >= 2:
+                state["row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+                state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device)
+            else:
+                state["variance"] = torch.zeros_like(grad)
+        state["step"] += 1
+        # 1 - beta2 starts at 1 and decays as t^-0.8: the estimate follows fresh gradients early, then averages.
+        new_weight = state["step"] ** group["beta2_decay"]
+        squared = grad.square().add_(group["eps1"])
+        if p.ndim >= 2:
+            state["row"].lerp_(squared.mean(dim=-1), new_weight)
+            state["col"].lerp_(squared.mean(dim=-2), new_weight)
+            row = state["row"] / state["row"].mean(dim=-1, keepdim=True)
+            return grad * (row.unsqueeze(-1) * state["col"].unsqueeze(-2)).rsqrt()
+        state["variance"].lerp_(squared, new_weight)
+        return grad * state["variance"].rsqrt()
+
+
+def parameter_groups(model, weight_decay: float, rate_per_learn_rate: float) -> list[dict]:
+    """Trainable tensors; no weight decay on biases and normalisation weights (1-D tensors): decaying them only
+    hurts. The decay is given in learn_rate's units, so it is divided by the optimizer's rate per learn_rate."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    common = {"rate_per_learn_rate": rate_per_learn_rate}
+    return [{"params": decay, "weight_decay": weight_decay / rate_per_learn_rate, **common},
+            {"params": no_decay, "weight_decay": 0.0, **common}]
+
+
+def build_optimizer(model, name: str, weight_decay: float) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, weight_decay, RECIPES[name].rate_per_learn_rate)
+    if name == "adafactor_t5":
+        return RelativeAdafactor(groups, lr=0.0)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=0.0, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0)
+    # On a GPU the fused kernel updates every tensor in a few launches instead of several per tensor.
+    fused = all(parameter.is_cuda for group in groups for parameter in group["params"])
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def state_bytes(name: str, shapes) -> int:
+    """Bytes of the optimizer's fp32 state for tensors of these shapes: AdamW keeps two moments per value, the
+    Adafactors a row and a column mean per matrix (one value per element of a vector)."""
+    if not RECIPES[name].relative:
+        return sum(8 * math.prod(shape) for shape in shapes)
+    return sum(4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2
+                    else math.prod(shape)) for shape in shapes)
 
 
 def set_learning_rate(optimizer, rate: float) -> None:
+    """`rate` in learn_rate's units; each group gets its optimizer's own rate."""
     for group in optimizer.param_groups:
-        group["lr"] = rate
+        group["lr"] = rate * group.get("rate_per_learn_rate", 1.0)

@@ -13,10 +13,13 @@ from model.dataset import global_batch_size, steps_per_epoch
 from model.parquet import expand_paths, read_footer
 from model.t5 import estimate_parameters
 from training.checkpoint import complete_states
+from training.optim import RECIPES
 from training.runtime import tracker_names
 from utils.errors import UserError, UserErrors
 
-BYTES_PER_PARAMETER_SAVED = 4 * 5  # fp32: best model + final model + state (weights and two Adam moments)
+# fp32: a best model, final/ and the state's weights, plus AdamW's two moments in the state (the Adafactors' are
+# a few MB: see training.optim.state_bytes).
+SAVED_BYTES_PER_PARAMETER = {"relative": 4 * 3, "adamw": 4 * 3 + 8}
 log = logging.getLogger("trainer")
 
 
@@ -101,7 +104,8 @@ def check_before_training(cfg, model_cfg, num_processes: int) -> list[str]:
         problems.append("--eval_max_samples=0 turns evaluation off, so no best model can be chosen: set "
                         "--keep_latest_n_ckp=0 as well, or evaluate at least one row")
     vocab = check_tokenizer(cfg, problems) or cfg.vocab_size
-    check_output_dir(cfg, estimate_parameters(model_cfg, vocab) * BYTES_PER_PARAMETER_SAVED, problems)
+    saved = SAVED_BYTES_PER_PARAMETER["relative" if RECIPES[cfg.optimizer].relative else "adamw"]
+    check_output_dir(cfg, estimate_parameters(model_cfg, vocab) * saved, problems)
     check_trackers(cfg.report_to, problems)
     if model_cfg.d_kv * model_cfg.num_heads < 8:
         problems.append("--num_heads x --d_kv must be at least 8")

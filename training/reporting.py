@@ -7,6 +7,7 @@ import sys
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.atomic import write_text_atomically
 
@@ -47,12 +48,17 @@ class MetricsLog:
 
 
 class Progress:
-    """A tqdm bar with ETA on an interactive main process; in a pipe or log, the log lines are the progress."""
+    """A tqdm bar with ETA on an interactive main process; in a pipe or log, the log lines are the progress.
+
+    While the bar is up, the `trainer` logger's console lines go through tqdm, which redraws the bar below them
+    instead of writing over it."""
 
     def __init__(self, is_main: bool, total: int, initial: int):
-        self.bar = None
+        self.bar, self.redirect = None, None
         if is_main and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.redirect = logging_redirect_tqdm(loggers=[log])
+            self.redirect.__enter__()
 
     def update(self) -> None:
         if self.bar is not None:
@@ -64,6 +70,7 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.redirect.__exit__(None, None, None)
             self.bar.close()
 
 
@@ -72,8 +79,10 @@ class Reporter:
 
     def __init__(self, run):
         self.run = run
-        total = run.cfg.max_steps or run.state.schedule_total_steps
-        self.progress = Progress(run.accelerator.is_main_process, total, run.state.global_step)
+        # Where this invocation stops: the bar and the log lines count towards the same step.
+        schedule = run.state.schedule_total_steps
+        self.last_step = min(run.cfg.max_steps, schedule) if run.cfg.max_steps else schedule
+        self.progress = Progress(run.accelerator.is_main_process, self.last_step, run.state.global_step)
         self.reset()
 
     def reset(self) -> None:
@@ -86,21 +95,30 @@ class Reporter:
             self.loss_sum += outcome.loss * outcome.target_tokens
             self.loss_tokens += outcome.target_tokens
         self.tokens += outcome.tokens
+        self.last_outcome = outcome
         self.progress.update()
-        if state.global_step % cfg.logging_steps:
-            return
+        if state.global_step % cfg.logging_steps == 0:
+            self.log_interval(outcome, write_metrics=True)
+
+    def log_interval(self, outcome, write_metrics: bool) -> None:
+        state = self.run.state
         elapsed = max(time.time() - self.started, 1e-9)
         record = dict(step=state.global_step, epoch=state.epoch, samples=state.samples_seen,
                       loss=self.loss_sum / self.loss_tokens if self.loss_tokens else None, lr=outcome.lr,
                       grad_norm=outcome.grad_norm, tokens_per_s=round(self.tokens / elapsed, 1),
                       samples_per_s=round((state.samples_seen - self.samples_at) / elapsed, 2))
-        self.run.metrics.write("train", **record)
+        if write_metrics:
+            self.run.metrics.write("train", **record)
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
         log.info("step %d/%d epoch %d | loss %s | lr %.3e | grad norm %.3f | %.1f samples/s | %.0f tokens/s",
-                 state.global_step, state.schedule_total_steps, state.epoch, loss, record["lr"],
-                 record["grad_norm"], record["samples_per_s"], record["tokens_per_s"])
+                 state.global_step, self.last_step, state.epoch, loss, record["lr"], record["grad_norm"],
+                 record["samples_per_s"], record["tokens_per_s"])
         self.progress.show(loss=loss, lr=f"{record['lr']:.2e}", samples_s=record["samples_per_s"])
         self.reset()
 
     def close(self) -> None:
+        """The steps since the last log line get one (console and log file; metrics.jsonl keeps its cadence), so
+        that a run shorter than `logging_steps` still shows its loss."""
+        if self.loss_tokens or self.tokens:
+            self.log_interval(self.last_outcome, write_metrics=False)
         self.progress.close()

@@ -9,8 +9,10 @@ import json
 import logging
 import os
 
+from training.checkpoint import complete_states
 from training.schedule import reaim
-from utils.errors import UserError
+from utils.distributed import decided_by_main
+from utils.errors import UserError, UserErrors
 
 log = logging.getLogger("trainer")
 
@@ -23,12 +25,56 @@ def describe_run(cfg, model_cfg, tokenizer) -> dict:
             "train": dataclasses.asdict(cfg)}
 
 
+def newest_state(processes, output_dir: str) -> str:
+    """The newest complete state as the main process sees it (a rank with a stale directory listing must not
+    resume from another one)."""
+    path = decided_by_main(processes, lambda: (complete_states(output_dir) or [None])[-1])
+    if path is None:
+        raise UserError(f"--is_keep_training=True: --output_dir={output_dir} holds no saved state to resume (is it "
+                        "the run's directory?); to start a new run there, leave out --is_keep_training")
+    return path
+
+
+def read_run_description(state_dir: str) -> dict:
+    with open(os.path.join(state_dir, "run.json"), encoding="utf-8") as saved_file:
+        return json.load(saved_file)
+
+
+def adopt_model_shape(model_cfg, shape: dict, given, source: str):
+    """`model_cfg` with the shape of `source` (a saved run, a saved model); a shape flag the user gave that
+    differs from it is an error naming both values."""
+    problems = [f"--{field.name}={getattr(model_cfg, field.name)!r} was given, but {source} has {shape[field.name]!r}"
+                for field in dataclasses.fields(model_cfg)
+                if field.name in given and field.name in shape and shape[field.name] != getattr(model_cfg, field.name)]
+    if problems:
+        raise UserErrors([f"cannot resume, the saved state is incompatible: {problem}" for problem in problems])
+    return dataclasses.replace(model_cfg, **{field.name: shape[field.name] for field in dataclasses.fields(model_cfg)
+                                             if field.name in shape})
+
+
+def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
+    """--is_keep_training=True: the model shape and the tokenizer of the saved run, found before anything is built.
+
+    A resume need not repeat the model flags; one given that differs from the saved run is an error. The tokenizer
+    comes from the saved run's --tokenizer_dir unless one is given (then it must be the same tokenizer).
+    """
+    saved = read_run_description(newest_state(processes, cfg.output_dir))
+    model_cfg = adopt_model_shape(model_cfg, saved["model"], given, f"the saved run in {cfg.output_dir}")
+    if "tokenizer_dir" not in given:
+        cfg = dataclasses.replace(cfg, tokenizer_dir=saved["train"]["tokenizer_dir"])
+    return cfg, model_cfg
+
+
 def check_resumable(saved: dict, current: dict) -> None:
     """An incompatible model or tokenizer is an error; changed training settings are reported and applied."""
     problems = [f"--{name}: the saved run has {saved['model'].get(name)!r}, this one {value!r}"
                 for name, value in current["model"].items() if saved["model"].get(name) != value]
     if saved["tokenizer"] != current["tokenizer"]:
         problems.append(f"--tokenizer_dir: not the tokenizer the saved run used ({saved['tokenizer']})")
+    # Another optimizer has other state: the saved moments would not load (or would mean something else).
+    saved_optimizer = saved["train"].get("optimizer", "adamw")
+    if saved_optimizer != current["train"]["optimizer"]:
+        problems.append(f"--optimizer: the saved run has {saved_optimizer!r}, this one {current['train']['optimizer']!r}")
     if problems:
         raise UserError("cannot resume, the saved state is incompatible: " + "; ".join(problems))
     for name, value in current["train"].items():
@@ -46,7 +92,8 @@ def start_fresh(run) -> None:
 def resume(run) -> None:
     """Continue the run saved in `output_dir`, in this order:
 
-    1. the newest complete state, as the main process sees it; its run.json must match this model and tokenizer;
+    1. the newest complete state, as the main process sees it (`settings_to_resume` took its model shape and
+       tokenizer before the model was built); its run.json must match this model and tokenizer;
     2. model, optimizer, every rank's random states and the TrainingState (data position, step, best-k, ...);
     3. the batch settings: flags that changed since the save win, else those out-of-memory recovery chose;
     4. another number of processes continues at the same global sample;
@@ -55,12 +102,8 @@ def resume(run) -> None:
     7. metric lines after the saved step are dropped: those steps run again.
     """
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    path = run.checkpointer.latest()
-    if path is None:
-        log.warning("--is_keep_training=True but %s holds no complete state: starting from scratch", cfg.output_dir)
-        return start_fresh(run)
-    with open(os.path.join(path, "run.json"), encoding="utf-8") as saved_file:
-        saved = json.load(saved_file)
+    path = newest_state(accelerator, cfg.output_dir)
+    saved = read_run_description(path)
     check_resumable(saved, run.checkpointer.run_description)
     run.checkpointer.load(path)
     configured = (saved["train"]["batch_size_per_gpu"], saved["train"]["gradient_accumulation_steps"])

@@ -21,7 +21,7 @@ from training.checkpoint import Checkpointer
 from training.evaluation import Evaluator
 from training.feed import DataFeed
 from training.memory import MemoryHygiene
-from training.optim import build_optimizer
+from training.optim import RECIPES, build_optimizer
 from training.reporting import MetricsLog
 from training.resume import describe_run, resume, start_fresh
 from training.runtime import Runtime, tracker_names
@@ -97,11 +97,33 @@ def record_configuration(cfg, model_cfg, accelerator, runtime: Runtime) -> None:
                                "runtime": dataclasses.asdict(runtime)})
 
 
+def check_optimizer_fits_the_engine(name: str, accelerator) -> None:
+    """DeepSpeed ZeRO and FSDP hand the optimizer flattened shards: an RMS per tensor or a factored moment would
+    be computed over pieces of several tensors, a different (and untested) optimizer."""
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    if sharded and RECIPES[name].relative:
+        raise UserError(f"--optimizer={name} scales each tensor by its own RMS, which {accelerator.distributed_type.value} "
+                        "shards into flat pieces: use --optimizer=adamw with it")
+
+
+DISTRIBUTION = {"NO": "not distributed", "MULTI_GPU": "data parallel (DDP) over GPUs",
+                "MULTI_CPU": "data parallel (DDP, gloo) over CPU processes", "DEEPSPEED": "DeepSpeed",
+                "FSDP": "FSDP"}
+
+
+def describe_processes(accelerator, runtime: Runtime) -> str:
+    """e.g. "3 processes, data parallel (DDP) over GPUs, this one on cuda:0, bf16 mixed precision"."""
+    count = accelerator.num_processes
+    kind = accelerator.distributed_type.value
+    precision = "fp32" if runtime.mixed_precision == "no" else f"{runtime.mixed_precision} mixed precision"
+    return (f"{count} process{'es' * (count > 1)}, {DISTRIBUTION.get(kind, kind)}, "
+            f"{'this one ' * (count > 1)}on {accelerator.device}, {precision}")
+
+
 def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run:
     setup_logging(cfg.log_dir, accelerator.is_main_process, accelerator.process_index)
     log.info("log file: %s", log_file_path(cfg.log_dir))
-    log.info("%d process(es), %s, device %s, precision %s", accelerator.num_processes,
-             accelerator.distributed_type.value, accelerator.device, runtime.mixed_precision)
+    log.info("%s", describe_processes(accelerator, runtime))
     for note in runtime.notes:
         log.info(note)
     record_configuration(cfg, model_cfg, accelerator, runtime)
@@ -114,11 +136,13 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                           world_size=accelerator.num_processes)
     feed = DataFeed(cfg, tokenizer, runtime, accelerator.process_index, accelerator.num_processes)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.weight_decay))
+    check_optimizer_fits_the_engine(cfg.optimizer, accelerator)
+    model.to(accelerator.device)  # first: a fused optimizer is built for the device its tensors live on
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(cfg.output_dir, accelerator)
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, model=model, state=state, feed=feed,
-              stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm),
+              stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, cfg.compile),
               checkpointer=Checkpointer(accelerator, cfg.output_dir, cfg.save_steps,
                                         describe_run(cfg, model_cfg, tokenizer)),
               best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer),

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
+from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               parse_flag_from_env)
 
 from utils.distributed import decided_by_main
+from utils.errors import UserError
 
 LOW_RAM_BYTES = 15 * 1024**3  # the user's guide: below 15 GB of RAM use the low-memory data settings
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
@@ -37,11 +39,13 @@ def native_bf16() -> bool:
 def decide(cfg) -> Runtime:
     notes = []
     precision = cfg.mixed_precision
-    if precision == "bf16" and not native_bf16():
-        notes.append("mixed_precision=bf16 is not supported natively here: training in fp32")
+    if precision != "no" and not torch.cuda.is_available():
+        notes.append(f"mixed_precision={precision}: no GPU here, training in fp32 (16-bit autocast needs a GPU; on a "
+                     "CPU it is slower than fp32)")
         precision = "no"
-    if precision == "fp16" and not torch.cuda.is_available():
-        notes.append("mixed_precision=fp16 needs a GPU: training in fp32")
+    if precision == "bf16" and not native_bf16():
+        notes.append("mixed_precision=bf16: this GPU has no native bf16 (Ampere or newer has it): training in fp32; "
+                     "--mixed_precision=fp16 runs 16-bit on it")
         precision = "no"
     ram = psutil.virtual_memory().total
     low_ram = ram < LOW_RAM_BYTES
@@ -64,16 +68,33 @@ def tracker_names(report_to: str) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
 
 
-def set_nccl_defaults() -> None:
-    """NCCL reads these at communicator creation; they matter only with NCCL, so leave gloo runs untouched."""
+def set_cuda_defaults() -> None:
+    """Read when NCCL makes its communicator and when the CUDA allocator starts: set before either (your
+    environment wins); they matter only with CUDA, so CPU runs are left untouched."""
     if torch.cuda.is_available():
         os.environ.setdefault("NCCL_SHM_DISABLE", "0")  # the README says when to set it to 1
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead rank fails the others, no hang
+        # Segments that grow instead of new blocks: less fragmentation, and the periodic empty_cache() releases
+        # memory without forcing the allocator to synchronise on every cached block.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def check_devices() -> None:
+    """A launch of several processes (torchrun, accelerate launch) is a GPU run unless ACCELERATE_USE_CPU=true:
+    without a usable GPU it would train on CPU processes in fp32 and only say "device cpu"."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not parse_flag_from_env("ACCELERATE_USE_CPU") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"{processes} processes were launched for GPUs, but torch {torch.__version__} ({build}) "
+                        "sees no usable CUDA device; check with: python -c \"import torch; print(torch.version.cuda, "
+                        "torch.cuda.is_available())\" (a CPU-only build needs the CUDA one; a broken driver, "
+                        "nvidia-smi). To train on CPU processes on purpose: ACCELERATE_USE_CPU=true")
 
 
 def start_processes(cfg) -> tuple[PartialState, Runtime]:
     """Initialise the process group (30-minute timeout), decide on the main process, broadcast the decisions."""
-    set_nccl_defaults()
+    check_devices()
+    set_cuda_defaults()
     # Without a GPU (or with ACCELERATE_USE_CPU=true) torchrun ranks must form a gloo group (MULTI_CPU).
     state = PartialState(cpu=use_cpu(), **process_group_kwargs().to_kwargs())
     return state, decided_by_main(state, lambda: decide(cfg))
@@ -90,11 +111,15 @@ def process_group_kwargs() -> InitProcessGroupKwargs:
 def build_accelerator(cfg, runtime: Runtime) -> Accelerator:
     """The Accelerator of a run whose processes `start_processes` started (trackers, once the flags are checked)."""
     trackers = tracker_names(cfg.report_to)
+    # Gradients that are views into DDP's buckets: no second copy of them (0.7 GiB for the large model).
+    ddp = DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,
+        comm_hook=DDPCommunicationHookType.BF16 if cfg.ddp_bf16_gradients else DDPCommunicationHookType.NO)
     return Accelerator(
         cpu=use_cpu(),
         mixed_precision=runtime.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        kwargs_handlers=[process_group_kwargs()],
+        kwargs_handlers=[process_group_kwargs(), ddp],
         log_with=trackers or None,
         project_dir=cfg.output_dir,
     )

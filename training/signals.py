@@ -1,15 +1,18 @@
-"""SIGTERM and Ctrl-C ask the run to stop at the next step boundary, where all ranks agree and save together.
+"""SIGTERM and Ctrl-C ask the run to stop after the step in progress, where all ranks agree and save together.
 
 The handler only sets a flag: saving from inside a signal handler could interleave with a collective and hang.
-The step's all-reduce carries the flag, so every rank stops after the same step even if only one got the signal.
-A second Ctrl-C interrupts at once.
+The step reads the flag just before its one all-reduce and carries it there, so every rank stops after the same
+step even if only one got the signal. A second Ctrl-C ends the process at once, with one line.
 """
 import logging
+import os
 import signal
+import sys
 
 from utils.log import THIS_RANK_ONLY
 
 log = logging.getLogger("trainer")
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
 
 class StopSignals:
@@ -19,13 +22,26 @@ class StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._request)
 
+    def is_requested(self) -> bool:
+        return self.requested
+
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # Raising KeyboardInterrupt here would print a traceback from wherever the loop happened to be.
+            print("error: a second Ctrl-C: stopped at once; the last saved state is kept (resume with "
+                  "--is_keep_training=True)", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
         self.requested = True
-        log.warning("%s received: saving a resumable state after this step, then exiting",
+        log.warning("%s received: saving a resumable state after the step in progress, then exiting",
                     signal.Signals(signum).name, extra=THIS_RANK_ONLY)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """For DataLoader workers: the terminal sends Ctrl-C to the whole process group, but only the main process
+    decides when to stop (and says so once); the workers end when it closes their loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -15,7 +15,6 @@ from accelerate.utils import DistributedType
 from model.dataset import MicroBatch, StepBatch
 from model.loss import token_loss_sum
 from training.optim import set_learning_rate
-from utils.distributed import ranks_where
 
 
 @dataclass
@@ -47,6 +46,13 @@ class StepTotals:
         return StepTotals(*accelerator.reduce(vector, "sum").tolist())
 
 
+def compiled(model):
+    """torch.compile with every recompile logged: a new shape costs a compilation, and after the first one dynamo
+    makes the varying dimensions dynamic, so a run pays for a few, not one per batch length."""
+    torch._logging.set_logs(recompiles=True)
+    return torch.compile(model)
+
+
 def rng_snapshot() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
@@ -59,9 +65,12 @@ def restore_rng(snapshot: tuple) -> None:
 
 
 class StepRunner:
-    def __init__(self, accelerator, model, optimizer, max_grad_norm: float):
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float, compile: bool = False):
         self.accelerator = accelerator
         self.model = model
+        # Only the training forward is compiled: evaluation's generation would recompile for every new length, and
+        # the wrapper shares the model's parameters, so saving and loading see the plain module.
+        self.forward_model = compiled(model) if compile else model
         self.optimizer = optimizer
         self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
@@ -74,7 +83,7 @@ class StepRunner:
         """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
         try:
             batch = batch.to(self.accelerator.device, non_blocking=True)
-            loss, _ = token_loss_sum(self.model, batch.input_ids, batch.attention_mask, batch.labels,
+            loss, _ = token_loss_sum(self.forward_model, batch.input_ids, batch.attention_mask, batch.labels,
                                      bare_model=self.bare_model)
             return loss, False
         except torch.OutOfMemoryError:
@@ -83,33 +92,46 @@ class StepRunner:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def run(self, step: StepBatch, learning_rate: float, stop_requested: bool) -> StepOutcome:
+    def run(self, step: StepBatch, learning_rate: float, stop_requested=lambda: False) -> StepOutcome:
+        """One optimizer step at `learning_rate` (learn_rate's units), with one agreement between the ranks.
+
+        The agreement comes just before the last micro-batch's backward, the only one that communicates (it
+        all-reduces the gradients): the step's loss and tokens, whether a rank ran out of memory (then every rank
+        drops the attempt), and `stop_requested()`, so that a stop asked for during the step ends the run after it.
+        """
         micro_batches = step.micro_batches
         scale = self.accelerator.num_processes * len(micro_batches) / max(step.step_tokens, 1)
         loss_sum = torch.zeros((), device=self.accelerator.device)
+        local_tokens = sum(batch.real_tokens for batch in micro_batches)
         # Set first: DeepSpeed's engine takes its optimizer step inside the last backward.
         set_learning_rate(self.optimizer, learning_rate)
         rng = rng_snapshot()
-        failed = False  # a backward ran out of memory; the other ranks learn it at the next agreement
+        failed = False  # this rank ran out of memory: the attempt is void, the others learn it at the agreement
         self.accelerator.step = 0  # our step batches always hold exactly one accumulation cycle
-        for batch in micro_batches:
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
             with self.accelerator.accumulate(self.model):
                 loss, oom = (None, True) if failed else self.forward(batch)
-                # Agree before backward: the last micro-step's backward all-reduces gradients on every rank.
-                if ranks_where(self.accelerator, oom):
-                    return self.abandon(rng)
+                failed = failed or oom
+                if index == last:
+                    step_loss = loss_sum if failed else loss_sum + loss.detach()
+                    totals = StepTotals(step_loss, stop_requested(), failed, local_tokens).reduced(
+                        self.accelerator, loss_sum)
+                    if totals.out_of_memory > 0:
+                        return self.abandon(rng)
+                elif failed:
+                    continue  # the backwards before the last do not communicate: nobody waits for this rank
                 try:
                     self.backward(loss * scale)
                     loss_sum += loss.detach()
                 except torch.OutOfMemoryError:
-                    if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
+                    if index < last:
+                        failed = True
+                    elif self.accelerator.num_processes > 1:
                         # The other ranks are inside this backward's gradient all-reduce: none can be told to retry.
                         return StepOutcome(out_of_memory=True, in_all_reduce=True)
-                    failed = True
-        local_tokens = sum(batch.real_tokens for batch in micro_batches)
-        totals = StepTotals(loss_sum, stop_requested, failed, local_tokens).reduced(self.accelerator, loss_sum)
-        if totals.out_of_memory > 0:
-            return self.abandon(rng)
+                    else:
+                        return self.abandon(rng)
         # Under DeepSpeed this is the engine's norm of the step it has taken (None if it kept none).
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
         grad_norm = math.nan if norm is None else float(norm)

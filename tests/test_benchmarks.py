@@ -1,0 +1,97 @@
+"""Every script in bench/ runs as docs/BENCHMARKS.md says, here at tiny sizes (smoke runs); the memory-over-epochs
+benchmark also checks its figure: host memory stays flat over 20 epochs."""
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import shared_file
+
+from tests.cli_helpers import REPO, child_env
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, f"bench/{script}", *map(str, args)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (f"{script}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def big_parquet(tmp_path_factory):
+    """What make_big_parquet.py writes for the other benchmarks, at 3,000 rows."""
+    shared_file("sample_train_3k.parquet")
+    path = tmp_path_factory.mktemp("big") / "big.parquet"
+    bench("make_big_parquet.py", "--rows", 3000, "--out", path, "--row_group_size", 500)
+    assert pq.ParquetFile(path).metadata.num_rows == 3000
+    return path
+
+
+def test_bench_tokenizer_trains_and_reports_time_and_peak_memory():
+    shared_file("sample_train_3k.parquet")
+    out = bench("bench_tokenizer.py", "--rows", 2000, "--vocab_size", 500)
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["rows"] == 2000 and figures["vocab"] == 500 and figures["peak_rss_mb"] > 0
+
+
+def test_bench_data_measures_throughput_padding_and_memory(big_parquet, tmp_path):
+    small = tmp_path / "small.parquet"
+    pq.write_table(pq.read_table(big_parquet).slice(0, 1000), small, row_group_size=500)
+    out = bench("bench_data.py", "--rounds", 1, "--batches", 20, "--big", big_parquet, "--big_1m", small)
+    assert "rows/s" in out and "padding" in out
+
+
+def test_bench_train_compares_the_trainer_with_a_bare_loop_over_several_rounds(big_parquet):
+    out = bench("bench_train.py", "--rounds", 2, "--steps", 4, "--buffer_size", 200, "--batch_size", 8,
+                "--train_file", big_parquet)
+    assert "round 2:" in out and "trainer/bare = " in out
+
+
+def test_bench_scale_trains_two_files_on_two_processes_and_compares_peak_memory(big_parquet, tmp_path):
+    small = tmp_path / "small.parquet"
+    pq.write_table(pq.read_table(big_parquet).slice(0, 1500), small, row_group_size=500)
+    out = bench("bench_scale.py", "--big", big_parquet, "--small", small, "--steps", 3, "--batch_size", 4,
+                "--tokenizer_dir", tmp_path / "tokenizer", timeout=900)
+    assert "peak" in out.lower()
+
+
+def test_bench_recipe_compares_recipes_on_held_out_loss():
+    shared_file("sample_train_3k.parquet")
+    out = bench("bench_recipe.py", "--scales", "tiny", "--steps", 10, "--long_steps", 0, "--recipes",
+                "ours,original,hf", "--train_rows", 200, "--valid_rows", 50, "--vocab_size", 400, "--threads", 1)
+    assert "ours - best other recipe at step 10" in out
+    table = out[out.index("held-out loss"):]
+    assert all(f"  {name} " in table for name in ("ours", "original", "hf"))
+
+
+def test_host_memory_stays_flat_over_20_epochs():
+    """The suite's version of bench_long_run.py: 20 epochs of 100 steps on 1,000 distinct rows, evaluation and
+    saves on. Before the tokenizer was kept for the run, memory grew by ~2 MB with every epoch here."""
+    out = bench("bench_long_run.py", "--epochs", 20, "--rows", 1000, "--batch_size", 10, "--memory_every", 50,
+                "--max_slope", 0.5)
+    assert "slope after epoch 5" in out
+
+
+def test_bench_feed_measures_how_long_the_loop_waits_for_data_with_and_without_the_reader_thread():
+    out = bench("bench_feed.py", "--rows", 3000, "--steps", 12, "--step_seconds", 0.02, "--vocab_size", 600)
+    assert "reader thread (the trainer)" in out and "inline (before)" in out
+    assert "x the waiting" in out
+
+
+def test_gpu_check_runs_its_smoke_version_on_cpu_and_writes_one_json_report(tmp_path):
+    shared_file("sample_train_3k.parquet")
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--steps", "6", "--out", str(tmp_path)], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "NOT GPU figures" in result.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    eager, compiled = report["step"]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert eager["samples_per_s"] > 0 and compiled["samples_per_s"] > 0
+    run = report["end_to_end"]
+    assert (run["train_exit"], run["resume_exit"]) == (0, 0), run
+    assert run["resumed_from_step"] == 6 and run["steps_logged"] == [9]
+    assert [step for step, _ in run["evaluations"]] == [3, 6, 9] and len(run["best_models"]) == 2

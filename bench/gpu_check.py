@@ -75,6 +75,8 @@ def one_step(compile: bool, smoke: bool, cap_gib: float) -> dict:
     from training.step import StepRunner
 
     cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()  # the eager measurement's blocks must not count against the compiled one
     cap_memory(cap_gib)
     sizes = argparse.Namespace(vocab_size=1000 if smoke else 32000, prompt_len=32 if smoke else 192,
                                response_len=32 if smoke else 192)
@@ -176,6 +178,9 @@ def end_to_end(args, scratch: str) -> dict:
 
 
 def table(report: dict) -> str:
+    if any("error" in report[name] for name in ("versions", "end_to_end") if isinstance(report[name], dict)) or \
+            isinstance(report["step"], dict):
+        return json.dumps(report, indent=1, ensure_ascii=False, default=str)
     v = report["versions"]
     lines = [f"gpu_check {v['date']}: {v['device']} ({v['device_memory_gib']} GiB), torch {v['torch']} "
              f"(CUDA {v['cuda']}), transformers {v['transformers']}, accelerate {v['accelerate']}",
@@ -194,6 +199,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def section(report: dict, name: str, path: Path, work) -> None:
+    """One part of the report, written to disk as soon as it is known: a GPU session is short, and a part that
+    fails (or the time limit) must not take the others' figures with it."""
+    started = time.perf_counter()
+    try:
+        report[name] = work()
+    except Exception as error:  # noqa: BLE001 - recorded in the report, and the next part still runs
+        report[name] = {"error": f"{type(error).__name__}: {error}"[-1500:]}
+    report.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    print(f"[{name}: {report['seconds'][name]} s]", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     if not (SHARED / "sample_train_3k.parquet").is_file():
@@ -202,14 +220,17 @@ def main() -> None:
         raise SystemExit("no CUDA device here: run with --smoke for the CPU smoke version")
     if args.smoke:
         print("SMOKE RUN (tiny sizes): these are NOT GPU figures.\n", flush=True)
-    report = {"smoke": args.smoke, "versions": versions(),
-              "step": [one_step(compile, args.smoke, args.cap_gib) for compile in (False, True)]}
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        report["end_to_end"] = end_to_end(args, scratch)
-    print(table(report))
+    from training.runtime import set_cuda_defaults
+
+    set_cuda_defaults()  # before anything starts CUDA, as the trainer does
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / "gpu_check.json"
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    report = {"smoke": args.smoke}
+    section(report, "versions", path, versions)
+    section(report, "step", path, lambda: [one_step(compile, args.smoke, args.cap_gib) for compile in (False, True)])
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+        section(report, "end_to_end", path, lambda: end_to_end(args, scratch))
+    print(table(report))
     print(f"\nwritten: {path}")
 
 

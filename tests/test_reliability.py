@@ -134,12 +134,15 @@ def uninterrupted(tmp_path_factory, task):
     return flags
 
 
-def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None) -> subprocess.Popen:
+def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None,
+                   own_group: bool = False) -> subprocess.Popen:
+    """The run in the background; with `own_group`, in a process group of its own, as a terminal's foreground job
+    (Ctrl-C there signals every process of the group: the run and its DataLoader workers)."""
     launcher = [sys.executable, entry] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
         str(29700 + os.getpid() % 200), entry]
     return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=own_group,
                             env=child_env(ACCELERATE_USE_CPU="true", **(env or {})))
 
 
@@ -303,6 +306,20 @@ def test_ctrl_c_stops_after_the_step_in_progress(tmp_path, task):
     assert process.returncode == 0 and "after the step in progress" in output
     assert "stopped by a signal at step 4" in output
     assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_in_a_terminal_with_dataloader_workers_is_announced_once_and_their_memory_is_logged(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, **dict(CRASH_RUN, save_steps=100, num_workers=2,
+                                                                  memory_log_steps=1))
+    process = start_training(flags, entry=PATCHED_ENTRY, env=SLOW_STEPS, own_group=True)
+    wait_for_line(process, "step 3/")
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the run and both workers get it
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and output.count("SIGINT received") == 1, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    workers = [r["workers_uss_mb"] for r in read_metrics(flags["output_dir"], "memory")]
+    assert workers and min(workers) > 10  # two worker processes, each tens of MB of its own
 
 
 def test_a_second_ctrl_c_ends_the_run_at_once_with_one_line(tmp_path, task):

@@ -128,7 +128,7 @@ class TrainConfig:
     """All-reduce DDP gradients in bf16: half the traffic (GeForce cards without P2P pass it through host memory),
     rounded averages. Off: exact fp32."""
     compile: bool = False
-    """torch.compile the model (inductor): faster steps on a GPU after a first slow one; batches are padded to a
+    """torch.compile the training forward (inductor): faster GPU steps after a slow first one; batches are padded to a
     multiple of 8 tokens so that few shapes recompile (each recompile is logged)."""
     seed: int = bounded(23333, min=0, max=2**32 - 1)  # NumPy's seeds (through Accelerate's set_seed) stop there
     """Seed of the data order, initial weights and dropout."""

@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,6 +100,36 @@ def stack_parameters(model) -> tuple[int, int, int]:
     embedding = model.shared.weight.numel()
     body = lambda stack: sum(p.numel() for n, p in stack.named_parameters() if "embed_tokens" not in n)
     return body(model.encoder), body(model.decoder), embedding
+
+
+@dataclass
+class BenchStep:
+    """The trainer's step for the large config on this device, and the parameter counts MFU needs."""
+
+    accelerator: object
+    runtime: object
+    stepper: StepRunner
+    encoder: int
+    decoder: int
+    embedding: int
+    parameters: int
+
+
+def large_config_step(model_cfg, vocab_size: int, output_dir: str, compile: bool = False) -> BenchStep:
+    """What build_run builds for one step of the large config (bf16 where native, its optimizer, the fused kernel
+    on a GPU), with a stand-in tokenizer of `vocab_size` tokens: no data, no tokenizer training."""
+    cfg = TrainConfigPretrainLarge(output_dir=output_dir, mixed_precision="bf16", gradient_accumulation_steps=1,
+                                   compile=compile)
+    runtime = start_processes(cfg)[1]
+    accelerator = build_accelerator(cfg, runtime)
+    set_seed(cfg.seed)
+    model = build_model(model_cfg, StandInTokenizer(vocab_size))
+    encoder, decoder, embedding = stack_parameters(model)
+    parameters = count_parameters(model)
+    model.to(accelerator.device)  # as build_run does: a fused optimizer is built on the device
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
+    stepper = StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, compile=compile)
+    return BenchStep(accelerator, runtime, stepper, encoder, decoder, embedding, parameters)
 
 
 def make_bundle(args, batch: int, pin: bool) -> StepBatch:
@@ -234,17 +265,10 @@ def main() -> None:
               "run this script on the GPU machine for the real ones.\n")
     cap_memory(args.cap_gib)
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as scratch:
-        cfg = TrainConfigPretrainLarge(output_dir=scratch, mixed_precision="bf16", gradient_accumulation_steps=1)
-        runtime = start_processes(cfg)[1]
-        accelerator = build_accelerator(cfg, runtime)
         model_cfg = T5ModelConfig() if cuda else T5ModelConfig(**SMOKE_MODEL)
-        set_seed(cfg.seed)
-        model = build_model(model_cfg, StandInTokenizer(args.vocab_size))
-        encoder, decoder, embedding = stack_parameters(model)
-        parameters = count_parameters(model)
-        model.to(accelerator.device)  # as build_run does: a fused optimizer is built on the device
-        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
-        stepper = StepRunner(accelerator, model, optimizer, cfg.max_grad_norm)
+        bench = large_config_step(model_cfg, args.vocab_size, scratch)
+        accelerator, runtime, stepper = bench.accelerator, bench.runtime, bench.stepper
+        encoder, decoder, embedding, parameters = bench.encoder, bench.decoder, bench.embedding, bench.parameters
         freeze_startup_objects()  # as train_loop does before its first step
 
         name = torch.cuda.get_device_name() if cuda else "CPU"

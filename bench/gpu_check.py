@@ -28,8 +28,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from gpu_bench import (GIB, cap_memory, kernels_of_one_step, make_bundle, peak_tflops, run_steps,  # noqa: E402
-                       stack_parameters, synchronize)
+from gpu_bench import (GIB, cap_memory, kernels_of_one_step, large_config_step, make_bundle,  # noqa: E402
+                       peak_tflops, run_steps, synchronize)
 
 SHARED = REPO.parent / "shared" / "data"
 SMOKE_MODEL = dict(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1)
@@ -66,13 +66,7 @@ def versions() -> dict:
 
 def one_step(compile: bool, smoke: bool, cap_gib: float) -> dict:
     """One large-config optimizer step, timed after warm-up, in this process (capped)."""
-    from accelerate.utils import set_seed
-
-    from config import T5ModelConfig, TrainConfigPretrainLarge
-    from model.t5 import StandInTokenizer, build_model, count_parameters
-    from training.optim import build_optimizer
-    from training.runtime import build_accelerator, start_processes
-    from training.step import StepRunner
+    from config import T5ModelConfig
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -82,17 +76,10 @@ def one_step(compile: bool, smoke: bool, cap_gib: float) -> dict:
                                response_len=32 if smoke else 192)
     batch = 4 if smoke else 32
     with tempfile.TemporaryDirectory(prefix="gpu_check_step_") as scratch:
-        cfg = TrainConfigPretrainLarge(output_dir=scratch, gradient_accumulation_steps=1, compile=compile,
-                                       mixed_precision="bf16" if cuda else "no")
-        runtime = start_processes(cfg)[1]
-        accelerator = build_accelerator(cfg, runtime)
         model_cfg = T5ModelConfig(**SMOKE_MODEL) if smoke else T5ModelConfig()
-        set_seed(cfg.seed)
-        model = build_model(model_cfg, StandInTokenizer(sizes.vocab_size))
-        encoder, decoder, embedding = stack_parameters(model)
-        model.to(accelerator.device)
-        model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
-        stepper = StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, compile=compile)
+        bench = large_config_step(model_cfg, sizes.vocab_size, scratch, compile=compile)
+        stepper, accelerator = bench.stepper, bench.accelerator
+        encoder, decoder, embedding = bench.encoder, bench.decoder, bench.embedding
         bundle = make_bundle(sizes, batch, cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -102,7 +89,7 @@ def one_step(compile: bool, smoke: bool, cap_gib: float) -> dict:
         run_steps(stepper, bundle, 2)
         seconds = run_steps(stepper, bundle, 2 if smoke else 10) if first is not None else None
         result = {"compile": compile, "batch": batch, "tokens_per_row": sizes.prompt_len + sizes.response_len,
-                  "parameters_m": round(count_parameters(model) / 1e6, 1), "first_step_s": round(first_seconds, 2),
+                  "parameters_m": round(bench.parameters / 1e6, 1), "first_step_s": round(first_seconds, 2),
                   "out_of_memory": seconds is None}
         if seconds is not None:
             samples = batch / seconds

@@ -95,3 +95,9 @@ def test_gpu_check_runs_its_smoke_version_on_cpu_and_writes_one_json_report(tmp_
     assert (run["train_exit"], run["resume_exit"]) == (0, 0), run
     assert run["resumed_from_step"] == 6 and run["steps_logged"] == [9]
     assert [step for step, _ in run["evaluations"]] == [3, 6, 9] and len(run["best_models"]) == 2
+
+
+def test_gpu_bench_runs_its_cpu_smoke_version_and_says_it_is_not_gpu_figures():
+    out = bench("gpu_bench.py")
+    assert out.startswith("SMOKE TEST ON CPU") and "(smoke test on CPU: NOT GPU figures)" in out
+    assert "attention kernels at batch" in out and "release_memory every 2 steps" in out

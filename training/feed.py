@@ -71,14 +71,17 @@ _END = object()
 def ahead_in_a_thread(items, depth: int = 2):
     """Iterate `items` in a background thread that keeps up to `depth` of them ready; its error is raised here.
 
-    Closing the generator (the loop leaving an epoch early) stops the thread after the item it is preparing.
-    The positions travel inside the items, so preparing ahead changes nothing that is saved.
+    Closing the generator (the loop leaving an epoch early) stops the thread after the item it is preparing, and
+    waits for it; so does the interpreter's exit (the thread is not a daemon: one still inside the tokenizer or
+    Arrow while the interpreter shuts down would abort the process). The positions travel inside the items, so
+    preparing ahead changes nothing that is saved.
     """
     ready = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    main = threading.main_thread()
 
     def hand_over(item) -> bool:
-        while not stop.is_set():
+        while not stop.is_set() and main.is_alive():
             try:
                 ready.put(item, timeout=0.1)
                 return True
@@ -95,7 +98,7 @@ def ahead_in_a_thread(items, depth: int = 2):
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
             hand_over(error)
 
-    thread = threading.Thread(target=produce, name="step-builder", daemon=True)
+    thread = threading.Thread(target=produce, name="step-builder")
     thread.start()
     try:
         while (item := ready.get()) is not _END:
@@ -104,3 +107,4 @@ def ahead_in_a_thread(items, depth: int = 2):
             yield item
     finally:
         stop.set()
+        thread.join()

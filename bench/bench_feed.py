@@ -97,9 +97,9 @@ def main() -> None:
         with mock.patch.object(dataset_module, "ThreadPoolExecutor", InlineExecutor):
             inline = blocked_share(cfg, tokenizer, args.steps, args.step_seconds, args.world_size)
     print(f"\n  {'data preparation':<28}{'blocked / step time':>20}{'longest wait':>14}{'windows':>9}")
-    for name, (share, longest, windows) in (("threads (the trainer)", threaded), ("inline (before)", inline)):
+    for name, (share, longest, windows) in (("window thread (the trainer)", threaded), ("inline (before)", inline)):
         print(f"  {name:<28}{share:>19.2%}{longest:>13.3f}s{windows:>9}")
-    print(f"  inline / threads = {inline[0] / max(threaded[0], 1e-9):.1f}x the waiting")
+    print(f"  inline / window thread = {inline[0] / max(threaded[0], 1e-9):.1f}x the waiting")
 
 
 if __name__ == "__main__":

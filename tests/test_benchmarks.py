@@ -77,7 +77,7 @@ def test_host_memory_stays_flat_over_20_epochs():
 
 def test_bench_feed_measures_how_long_the_loop_waits_for_data_with_and_without_the_threads():
     out = bench("bench_feed.py", "--rows", 3000, "--steps", 12, "--step_seconds", 0.02, "--vocab_size", 600)
-    assert "threads (the trainer)" in out and "inline (before)" in out  # the window thread, and without it
+    assert "window thread (the trainer)" in out and "inline (before)" in out
     assert "x the waiting" in out
 
 

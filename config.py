@@ -31,7 +31,7 @@ def split_paths(text: str) -> list[str]:
 
 def with_resolved_paths(cfg):
     """A copy of a train config whose file and directory fields are absolute (see `resolve_path`)."""
-    paths = ("train_file", "validation_file", "tokenizer_dir", "output_dir", "log_dir")
+    paths = ("train_file", "validation_file", "tokenizer_dir", "init_from", "output_dir", "log_dir")
     return replace(cfg, **{name: ",".join(map(resolve_path, split_paths(getattr(cfg, name)))) for name in paths})
 
 
@@ -103,6 +103,18 @@ class TrainConfig:
     """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM or without a GPU, else 2)."""
     pin_memory: AutoBool = "auto"
     """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
+
+    # --- where the weights start ---
+    init_from: str = ""
+    """Start a new run (step 0, fresh optimizer and schedule) from a saved model's weights: a final/ or best/step-*
+    directory of this tool, or a Hugging Face T5 directory of the same layout. Its tokenizer and shape come with it."""
+    is_finetune: bool = False
+    """Fine-tune (the original's flag): TrainConfigSFT's defaults unless --use_large_config, --init_from defaults to
+    the best model of model_save/pretrain_large, and --freeze=auto freezes the shared embedding and the encoder."""
+    freeze: Literal["auto", "none", "embeddings", "encoder"] = "auto"
+    """Parameters that do not train (no gradient, no optimizer state): embeddings = the shared embedding, which is
+    also the output projection (tied); encoder = it and the whole encoder; auto = encoder when fine-tuning, else
+    none."""
 
     # --- optimisation ---
     epochs: int = bounded(8, min=1)
@@ -179,6 +191,25 @@ class TrainConfigPretrainLarge(TrainConfig):
     logging_steps: int = 100
     eval_max_samples: int = 2000
     """Validation rows per evaluation: about 2% of the training time between saves (see the README)."""
+
+
+@dataclass
+class TrainConfigSFT(TrainConfig):
+    """Supervised fine-tuning of a pre-trained model (--is_finetune=True): the original project's SFT values. Only
+    defaults change here: help texts and bounds come from TrainConfig."""
+
+    train_file: str = "data/sft_train_dataset.parquet"
+    validation_file: str = "data/sft_valid_dataset.parquet"
+    is_finetune: bool = True
+    max_seq_len: int = 256
+    dataloader_buffer_size: int = 10000
+    epochs: int = 20
+    batch_size_per_gpu: int = 20
+    gradient_accumulation_steps: int = 6
+    learn_rate: float = 5e-5
+    output_dir: str = "model_save/sft"
+    save_steps: int = 2000
+    keep_latest_n_ckp: int = 8
 
 
 @dataclass
@@ -308,6 +339,9 @@ class GenerateFlags(SavedModelFlags):
     """The prompt (quote it when it holds spaces)."""
     max_new_tokens: int = bounded(192, min=1)
     """Most tokens of the answer (greedy decoding)."""
+    engine: Literal["transformers", "ctranslate2"] = "transformers"
+    """transformers: --model_dir is a saved model (best/, final/); ctranslate2: a directory written by `export`
+    (same greedy answer, faster on a CPU)."""
 
 
 @dataclass
@@ -316,3 +350,15 @@ class PlotFlags:
 
     output_dir: str = "model_save/pretrain_large"
     """A run's output_dir: the charts are drawn from its metrics.jsonl and written next to it."""
+
+
+@dataclass
+class ExportFlags(SavedModelFlags):
+    """`export`'s flags."""
+
+    output_dir: str = required()
+    """Where the CTranslate2 model goes (with the tokenizer): a new or empty directory."""
+    quantization: Literal["none", "int8", "int8_float32", "float16", "bfloat16"] = "none"
+    """Weight type: none keeps fp32 (the same answers as transformers); int8 = 4x smaller, faster on CPU, answers
+    may differ slightly; int8_float32: int8 weights, fp32 for the rest; float16 / bfloat16: half the size, for a
+    GPU (a CPU without them computes in fp32)."""

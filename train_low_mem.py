@@ -8,6 +8,7 @@ from commands.cli import command, main
 from config import (
     DemoFlags,
     EvaluateFlags,
+    ExportFlags,
     GenerateFlags,
     GivenFlags,
     PlanFlags,
@@ -22,7 +23,8 @@ from config import (
 
 @command
 def train(cfg: TrainConfig, model_cfg: T5ModelConfig, given: GivenFlags):
-    """Train (or with --is_keep_training=True resume) on train_file. Every config field is a flag:"""
+    """Train on train_file: a new model, one from --init_from (--is_finetune=True: fine-tune), or with
+    --is_keep_training=True resume. Every config field is a flag:"""
     from training.loop import run_training
     run_training(cfg, model_cfg, given)
 
@@ -59,12 +61,21 @@ def generate(flags: GenerateFlags):
 
 
 @command
-def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig):
+def export(flags: ExportFlags):
+    """Write a saved model as a CTranslate2 model (faster answers on a CPU; `pip install ctranslate2`).
+
+    `generate --engine=ctranslate2 --model_dir=OUTPUT_DIR` answers with it, as does ctranslate2.Translator."""
+    from commands.export import export_command
+    export_command(flags)
+
+
+@command
+def plan(flags: PlanFlags, cfg: TrainConfig, model_cfg: T5ModelConfig, given: GivenFlags):
     """Print what a run will do and need (steps, saves, memory, disk, hours) without training.
 
     Every train flag works, as in train:"""
     from commands.plan import run_plan
-    run_plan(flags, cfg, model_cfg)
+    run_plan(flags, cfg, model_cfg, given)
 
 
 @command
@@ -75,7 +86,7 @@ def plot(flags: PlotFlags):
 
 
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "demo": demo, "evaluate": evaluate,
-            "generate": generate, "plan": plan, "plot": plot}
+            "generate": generate, "plan": plan, "plot": plot, "export": export}
 
 if __name__ == "__main__":
     main(COMMANDS)

@@ -8,7 +8,8 @@ ultra_low_mem, so every rank reads and tokenizes each window itself. This drives
 those settings and the guide's batch settings as rank 0 of `--world_size` ranks, "trains" each step by sleeping
 `--step_seconds` (what a GPU step costs the host thread: it waits for the device), and measures how long each
 `next(step)` blocks. It does so twice in one run: as the trainer does it (a thread reads and tokenizes the windows
-ahead) and with the windows read inline, as before, and prints both shares of the step time and their ratio.
+ahead, another builds the steps ahead) and with both inline, as before, and prints both shares of the step time and
+their ratio.
 
 The rows are distinct Chinese texts (random common characters), so the tokenizer's word cache never helps: the
 slowest case for tokenizing.
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench_long_run import distinct_rows  # noqa: E402
 
 import model.dataset as dataset_module  # noqa: E402
+import training.feed as feed_module  # noqa: E402
 from config import TrainConfigPretrainLarge  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from training.feed import DataFeed  # noqa: E402
@@ -94,12 +96,13 @@ def main() -> None:
               f"accumulation per rank, windows of {cfg.dataloader_buffer_size} rows, max_seq_len "
               f"{cfg.max_seq_len}, simulated step {args.step_seconds} s, {args.steps} steps per arm", flush=True)
         threaded = blocked_share(cfg, tokenizer, args.steps, args.step_seconds, args.world_size)
-        with mock.patch.object(dataset_module, "ThreadPoolExecutor", InlineExecutor):
+        with mock.patch.object(dataset_module, "ThreadPoolExecutor", InlineExecutor), \
+                mock.patch.object(feed_module, "ahead_in_a_thread", iter):
             inline = blocked_share(cfg, tokenizer, args.steps, args.step_seconds, args.world_size)
     print(f"\n  {'data preparation':<28}{'blocked / step time':>20}{'longest wait':>14}{'windows':>9}")
-    for name, (share, longest, windows) in (("window thread (the trainer)", threaded), ("inline (before)", inline)):
+    for name, (share, longest, windows) in (("threads (the trainer)", threaded), ("inline (before)", inline)):
         print(f"  {name:<28}{share:>19.2%}{longest:>13.3f}s{windows:>9}")
-    print(f"  inline / window thread = {inline[0] / max(threaded[0], 1e-9):.1f}x the waiting")
+    print(f"  inline / threads = {inline[0] / max(threaded[0], 1e-9):.1f}x the waiting")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import fire
 
 from commands.flags import FlagProblem, build, closest, help_text, to_bool
-from config import ConfigChoice, GivenFlags, TrainConfig, TrainConfigPretrainLarge
+from config import ConfigChoice, GivenFlags, TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT
 from utils.errors import RunAborted, UserError, UserErrors
 
 EXIT_USER_ERROR = 2
@@ -60,13 +60,16 @@ def command(function):
 def parse(classes: list, args: tuple, flags: dict) -> list:
     """One instance of each class from the command's flags (text, as typed), or UserErrors naming every problem.
 
-    A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge.
+    A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge;
+    without it, --is_finetune=True makes it a TrainConfigSFT.
     """
     problems = [f"unexpected argument {value!r}: flags are written --name=value (quote a value with spaces)"
                 for value in args]
     choice = [ConfigChoice] if TrainConfig in classes else []
-    if choice and uses_large_config(flags):
-        classes = [TrainConfigPretrainLarge if cls is TrainConfig else cls for cls in classes]
+    chosen = (TrainConfigPretrainLarge if is_true(flags, "use_large_config")
+              else TrainConfigSFT if is_true(flags, "is_finetune") else TrainConfig)
+    if choice:
+        classes = [chosen if cls is TrainConfig else cls for cls in classes]
     try:
         instances = build(choice + classes, flags)[len(choice):]
     except UserErrors as errors:
@@ -76,9 +79,9 @@ def parse(classes: list, args: tuple, flags: dict) -> list:
     return instances
 
 
-def uses_large_config(flags: dict) -> bool:
+def is_true(flags: dict, name: str) -> bool:
     try:
-        return to_bool(flags.get("use_large_config", "False"))
+        return to_bool(flags.get(name, "False"))
     except FlagProblem:
         return False  # `build` reports the bad value
 
@@ -86,16 +89,18 @@ def uses_large_config(flags: dict) -> bool:
 def command_help(function, classes: list) -> str:
     parts = [inspect.cleandoc(function.__doc__)]
     if TrainConfig in classes:
-        parts += [help_text([ConfigChoice] + classes), large_config_defaults()]
+        parts += [help_text([ConfigChoice] + classes),
+                  other_defaults(TrainConfigPretrainLarge, "--use_large_config=True"),
+                  other_defaults(TrainConfigSFT, "--is_finetune=True (without --use_large_config)")]
     else:
         parts.append(help_text(classes))
     return "\n\n".join(parts)
 
 
-def large_config_defaults() -> str:
-    general, large = TrainConfig(), TrainConfigPretrainLarge()
-    changed = [f"{k}={v!r}" for k, v in vars(large).items() if getattr(general, k) != v]
-    return "With --use_large_config=True these defaults change: " + ", ".join(changed)
+def other_defaults(variant, flag: str) -> str:
+    general = TrainConfig()
+    changed = [f"{k}={v!r}" for k, v in vars(variant()).items() if getattr(general, k) != v]
+    return f"With {flag} these defaults change: " + ", ".join(changed)
 
 
 def main(commands: dict, argv: list[str] | None = None) -> None:

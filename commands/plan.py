@@ -91,19 +91,20 @@ def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool
     analytic = AnalyticActivations(model_cfg, vocab, cfg.mixed_precision, parameters)
     if probe:
         try:
-            probed = ProbedActivations(model_cfg, vocab, cfg.mixed_precision)
+            probed = ProbedActivations(model_cfg, vocab, cfg.mixed_precision, frozen=cfg.freeze)
             return probed.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "probe", analytic
         except Exception as error:  # the probe relies on torch internals; a changed one must not cost the plan
             notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
     return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "analytic", analytic
 
 
-def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, optimizer_bytes: int, probe: bool, notes: list) -> dict:
+def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimizer_bytes: int, probe: bool,
+             notes: list) -> dict:
     from commands.plan_memory import gpu_memory
 
     activations, method, analytic = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes)
     rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
-    parts = gpu_memory(parameters, optimizer_bytes, activations)
+    parts = gpu_memory(parameters, trainable, optimizer_bytes, activations)
     total = sum(parts.values())
 
     def total_with(other_rows: int, other_seq: int) -> int:
@@ -177,10 +178,12 @@ def gib(size: float) -> float:
 def json_report(plan: dict) -> dict:
     steps, gpu, host, disk = plan["steps"], plan["gpu"], plan["host"], plan["disk"]
     return {
-        **steps, "rows_source": plan["rows_source"], "parameters": plan["parameters"], "vocab_size": plan["vocab"],
+        **steps, "rows_source": plan["rows_source"], "parameters": plan["parameters"],
+        "trainable_parameters": plan["trainable"], "vocab_size": plan["vocab"],
         "activation_method": gpu["method"], "activation_bytes": gpu["parts"]["activations"],
         "gpu_memory_gb_per_process": gib(gpu["total"]),
         "gpu_memory_breakdown_gb": {k: gib(v) for k, v in gpu["parts"].items()},
+        "gpu_memory_breakdown_bytes": dict(gpu["parts"]),
         "fits_20gb": gpu["total"] <= GPU_BUDGET_BYTES,
         "host_ram_gb_per_process": gib(host["total"]),
         "host_ram_gb_total": gib(host["total"] * steps["num_processes"]),
@@ -222,7 +225,11 @@ def human_report(plan: dict) -> str:
         ("training log lines", f"{steps['logging_lines']:,}", f"every {cfg.logging_steps:,} steps"),
     ])
     section("Model", [("parameters", f"{plan['parameters']:,}",
-                       f"vocab {plan['vocab']:,} from {plan['vocab_source']}")])
+                       f"vocab {plan['vocab']:,} from {plan['vocab_source']}"),
+                      ("trained parameters", f"{plan['trainable']:,}",
+                       "all" if cfg.freeze == "none" else f"--freeze={cfg.freeze}: the rest gets no gradient and no "
+                       "optimizer state")]
+            + ([("weights from", "--init_from", cfg.init_from)] if cfg.init_from else []))
     section("GPU memory per process (GiB)", [
         ("weights", f"{gib(gpu['parts']['weights']):.2f}", "fp32, 4 bytes per parameter"),
         ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"
@@ -276,11 +283,15 @@ def human_report(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def run_plan(flags: PlanFlags, cfg, model_cfg) -> None:
-    from model.t5 import estimate_parameters, parameter_shapes
-    from training.optim import state_bytes
+def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
+    import math
 
-    cfg = with_resolved_paths(cfg)
+    from model.t5 import estimate_parameters, parameter_shapes
+    from training.init_from import starting_settings
+    from training.optim import state_bytes
+    from utils.distributed import ONE_PROCESS
+
+    cfg, model_cfg = starting_settings(with_resolved_paths(cfg), model_cfg, given, ONE_PROCESS)
     rows, rows_source = training_rows(cfg, flags.num_samples)
     row_bytes = stored_row_bytes(cfg.train_file)
     notes = [] if row_bytes else [f"no readable --train_file: assuming {ASSUMED_ROW_BYTES} bytes per row"]
@@ -290,13 +301,16 @@ def run_plan(flags: PlanFlags, cfg, model_cfg) -> None:
                      "steps: the learning rate never reaches --learn_rate")
     vocab, vocab_source = vocabulary(cfg)
     parameters = estimate_parameters(model_cfg, vocab)
-    optimizer_bytes = state_bytes(cfg.optimizer, parameter_shapes(model_cfg, vocab))
+    trained_shapes = parameter_shapes(model_cfg, vocab, cfg.freeze)
+    trainable = sum(math.prod(shape) for shape in trained_shapes)
+    optimizer_bytes = state_bytes(cfg.optimizer, trained_shapes)
     host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
-    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, optimizer_bytes, flags.probe, notes)
+    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, trainable, optimizer_bytes, flags.probe, notes)
     seconds = flags.step_time
     plan = dict(
         cfg=cfg, model_cfg=model_cfg, steps=steps, rows_source=rows_source, vocab=vocab, vocab_source=vocab_source,
-        parameters=parameters, gpu=gpu, host=host, disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes,
+        parameters=parameters, trainable=trainable, gpu=gpu, host=host,
+        disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes,
         step_time=seconds or None,
         hours_per_epoch=hours(steps["steps_per_epoch"], seconds) if seconds else None,
         hours_total=hours(steps["total_steps"], seconds) if seconds else None,

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from model.loss import token_loss_sum
-from model.t5 import StandInTokenizer, build_model
+from model.t5 import StandInTokenizer, build_model, freeze
 
 GIB = 1024**3
 WEIGHT_BYTES, GRADIENT_BYTES = 4, 4  # per parameter, fp32 (the optimizer's state: `training.optim.state_bytes`)
@@ -159,9 +159,9 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
         tokens = torch.randint(2, len(model.get_input_embeddings().weight), (rows, seq_len))
         tracker = PeakBytes()
         hooks = [parameter.register_post_accumulate_grad_hook(lambda p: tracker.forget(id(p.grad.untyped_storage())))
-                 for parameter in model.parameters()]
-        attention = (unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", efficient_attention)
-                     if cuda_attention else contextlib.nullcontext())
+                 for parameter in model.parameters() if parameter.requires_grad]
+        attention = (unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
+                                                efficient_attention) if cuda_attention else contextlib.nullcontext())
         with tracker, attention:
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
                 # No attention mask: transformers asks a mask whether it is all ones, which fake tensors cannot
@@ -183,22 +183,25 @@ class ProbedActivations:
 
     method = "probe"
 
-    def __init__(self, model_cfg, vocab: int, mixed_precision: str, cuda_attention: bool = True):
+    def __init__(self, model_cfg, vocab: int, mixed_precision: str, cuda_attention: bool = True,
+                 frozen: str = "none"):
         self.mixed_precision, self.cuda_attention = mixed_precision, cuda_attention
         self.fake_mode = FakeTensorMode()
         with self.fake_mode:
             self.model = build_model(model_cfg, StandInTokenizer(vocab))
+        freeze(self.model, frozen)  # a frozen encoder keeps no activations for a backward pass
 
     def bytes(self, rows: int, seq_len: int) -> int:
         return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode, self.cuda_attention)
 
 
-def gpu_memory(parameters: int, optimizer_bytes: int, activation_bytes: int) -> dict:
-    """One process's GPU memory in bytes, part by part, in the order a reader adds them up. With several processes
-    the gradients are views into DDP's all-reduce buckets (`gradient_as_bucket_view`): no second copy."""
+def gpu_memory(parameters: int, trainable: int, optimizer_bytes: int, activation_bytes: int) -> dict:
+    """One process's GPU memory in bytes, part by part, in the order a reader adds them up: gradients only for the
+    `trainable` parameters. With several processes the gradients are views into DDP's all-reduce buckets
+    (`gradient_as_bucket_view`): no second copy."""
     return {
         "weights": WEIGHT_BYTES * parameters,
-        "gradients": GRADIENT_BYTES * parameters,
+        "gradients": GRADIENT_BYTES * trainable,
         "optimizer_state": optimizer_bytes,
         "activations": activation_bytes,
         "cuda_context": CUDA_CONTEXT_BYTES,

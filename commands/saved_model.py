@@ -7,7 +7,11 @@ from utils.errors import UserError, UserErrors
 
 
 def model_dir_problem(model_dir: str) -> str | None:
-    if not os.path.isfile(os.path.join(resolve_path(str(model_dir)), "config.json")):
+    path = resolve_path(str(model_dir))
+    if os.path.isfile(os.path.join(path, "model.bin")):  # CTranslate2's weights: it writes a config.json too
+        return (f"--model_dir={model_dir}: a CTranslate2 model written by export, not a saved model "
+                "(generate reads it with --engine=ctranslate2)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
         return f"--model_dir={model_dir}: no saved model there (expected a best/ or final/ directory)"
     return None
 
@@ -66,6 +70,20 @@ def evaluate_command(flags: EvaluateFlags) -> None:
 
 
 def generate_command(flags: GenerateFlags) -> None:
+    if flags.engine == "ctranslate2":
+        from commands.export import ctranslate2_answers
+
+        answer = ctranslate2_answers(flags.model_dir, [flags.prompt], flags.max_new_tokens)[0]
+    else:
+        answer = transformers_answer(flags)
+    print(answer)
+    if not answer.strip():
+        # A blank line alone looks like a failure of the command rather than an answer of the model.
+        print("(the answer is empty: the model's first token was [EOS], or only spaces; a model trained longer, "
+              "or on this kind of prompt, answers)", file=sys.stderr)
+
+
+def transformers_answer(flags: GenerateFlags) -> str:
     import torch
 
     from training.runtime import native_bf16
@@ -76,9 +94,4 @@ def generate_command(flags: GenerateFlags) -> None:
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=native_bf16()):
         output = model.to(device).generate(**inputs, do_sample=False, num_beams=1,
                                            max_new_tokens=flags.max_new_tokens)
-    answer = tokenizer.decode(output[0], skip_special_tokens=True)
-    print(answer)
-    if not answer.strip():
-        # A blank line alone looks like a failure of the command rather than an answer of the model.
-        print("(the answer is empty: the model's first token was [EOS], or only spaces; a model trained longer, "
-              "or on this kind of prompt, answers)", file=sys.stderr)
+    return tokenizer.decode(output[0], skip_special_tokens=True)

@@ -3,6 +3,8 @@ import dataclasses
 
 from transformers import T5Config, T5ForConditionalGeneration
 
+from utils.errors import UserError
+
 
 class StandInTokenizer:
     """What `build_model` reads from a tokenizer (its size, pad and EOS ids): enough to size a model without one."""
@@ -29,13 +31,46 @@ def t5_config(model_cfg, tokenizer) -> T5Config:
     )
 
 
-def build_model(model_cfg, tokenizer) -> T5ForConditionalGeneration:
-    model = T5ForConditionalGeneration(t5_config(model_cfg, tokenizer))
-    # Greedy decoding that stops at our [EOS]: the defaults evaluation and `generate` rely on.
+# What each --freeze choice keeps fixed. The shared embedding is also the encoder's and decoder's input embedding
+# and, tied, the output projection: freezing it freezes all four.
+FROZEN_MODULES = {"none": (), "embeddings": ("shared",), "encoder": ("shared", "encoder")}
+
+
+def with_generation_defaults(model, tokenizer) -> T5ForConditionalGeneration:
+    """Greedy decoding that stops at our [EOS]: the defaults evaluation and `generate` rely on."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
     return model
+
+
+def build_model(model_cfg, tokenizer) -> T5ForConditionalGeneration:
+    return with_generation_defaults(T5ForConditionalGeneration(t5_config(model_cfg, tokenizer)), tokenizer)
+
+
+def load_model(model_cfg, tokenizer, model_dir: str) -> T5ForConditionalGeneration:
+    """`build_model`'s architecture with the weights saved in `model_dir` (whose shape `model_cfg` already has):
+    a run started from it resumes like any other. Every weight must be there: none is left at random."""
+    import torch
+
+    try:
+        model, loading = T5ForConditionalGeneration.from_pretrained(
+            model_dir, config=t5_config(model_cfg, tokenizer), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"--init_from={model_dir}: the weights do not load ({str(error).strip()[:300]})") from None
+    unfit = sorted(loading["missing_keys"]) + sorted(loading["unexpected_keys"]) + sorted(loading["mismatched_keys"])
+    if unfit:
+        raise UserError(f"--init_from={model_dir}: its weights do not fit the model its config.json describes "
+                        f"({len(unfit)} tensors missing, unexpected or of another shape, e.g. {unfit[0]})")
+    # from_pretrained hands the model over in eval mode: training must see dropout, as a built model does.
+    return with_generation_defaults(model.train(), tokenizer)
+
+
+def freeze(model, part: str) -> int:
+    """Stop `part` (a --freeze choice) from training; return the count of parameters that still train."""
+    for name in FROZEN_MODULES[part]:
+        getattr(model, name).requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def count_parameters(model) -> int:
@@ -43,13 +78,15 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def parameter_shapes(model_cfg, vocab_size: int) -> list[tuple]:
-    """The shape of every parameter `build_model` would make, without allocating it (a model on the meta device)."""
+def parameter_shapes(model_cfg, vocab_size: int, frozen: str = "none") -> list[tuple]:
+    """The shape of every parameter `build_model` would make that trains with `--freeze=frozen`, without
+    allocating it (a model on the meta device)."""
     import torch
 
     with torch.device("meta"):
         model = build_model(model_cfg, StandInTokenizer(vocab_size))
-    return [tuple(parameter.shape) for parameter in model.parameters()]
+    freeze(model, frozen)
+    return [tuple(parameter.shape) for parameter in model.parameters() if parameter.requires_grad]
 
 
 def estimate_parameters(model_cfg, vocab_size: int) -> int:

@@ -5,6 +5,7 @@ normalizers (NFKC folds full-width characters) and anything that eats whitespace
 free: every text is a byte sequence and every byte is in the vocabulary, so there is never an unknown token.
 """
 
+import hashlib
 import os
 import random
 import shutil
@@ -190,6 +191,11 @@ def train_tokenizer(
 def has_tokenizer(tokenizer_dir) -> bool:
     """True when `tokenizer_dir` holds a saved tokenizer (without loading it)."""
     return (Path(tokenizer_dir) / "tokenizer.json").is_file()
+
+
+def tokenizer_fingerprint(tokenizer_dir) -> str:
+    """Tells tokenizers apart: two directories with the same fingerprint tokenize alike."""
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
 
 
 def load_tokenizer(tokenizer_dir) -> PreTrainedTokenizerFast:

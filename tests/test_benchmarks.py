@@ -77,8 +77,19 @@ def test_host_memory_stays_flat_over_20_epochs():
 
 def test_bench_feed_measures_how_long_the_loop_waits_for_data_with_and_without_the_threads():
     out = bench("bench_feed.py", "--rows", 3000, "--steps", 12, "--step_seconds", 0.02, "--vocab_size", 600)
-    assert "window thread (the trainer)" in out and "inline (before)" in out
+    assert "threads (the trainer)" in out and "inline (before)" in out
     assert "x the waiting" in out
+
+
+def test_bench_export_compares_transformers_with_ctranslate2_fp32_and_int8_on_two_models():
+    pytest.importorskip("ctranslate2")
+    out = bench("bench_export.py", "--smoke")
+    assert out.startswith("SMOKE RUN (tiny sizes: not figures)")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| demo", "| large shape"))]
+    assert [(row[1], row[2]) for row in rows] == [(batch, engine) for batch in ("8", "1") for engine in (
+        "transformers", "ctranslate2 fp32", "ctranslate2 int8")] * 2
+    # The large-shape model answers exactly 4 tokens per prompt with every engine: 8 prompts, then 2 one by one.
+    assert [row[3] for row in rows[6:]] == ["32"] * 3 + ["8"] * 3
 
 
 def test_gpu_check_runs_its_smoke_version_on_cpu_and_writes_one_json_report(tmp_path):

@@ -13,6 +13,7 @@ from config import (
     ConfigChoice,
     DemoFlags,
     EvaluateFlags,
+    ExportFlags,
     GenerateFlags,
     PlanFlags,
     PlotFlags,
@@ -22,6 +23,7 @@ from config import (
     TrainConfig,
     TrainConfigDemo,
     TrainConfigPretrainLarge,
+    TrainConfigSFT,
 )
 from tests.cli_helpers import PATCHED_ENTRY, run_cli_raw
 from tests.patched_cli import ECHO_FLAGS
@@ -42,6 +44,7 @@ COMMAND_FLAGS = {
     "generate": [GenerateFlags],
     "plan": [ConfigChoice, PlanFlags, TrainConfig, T5ModelConfig],
     "plot": [PlotFlags],
+    "export": [ExportFlags],
 }
 CONTRACT_SHARED_FIELDS = ("tokenizer_dir", "max_grad_norm", "seed", "ultra_low_mem", "num_workers", "pin_memory",
                           "memory_cleanup_steps", "memory_log_steps", "eval_max_samples", "log_dir", "max_steps")
@@ -73,13 +76,15 @@ def changed_value(value, annotation):
             str: lambda v: v + "_x"}[annotation](value)
 
 
-@pytest.mark.parametrize("config_class", [TrainConfig, TrainConfigPretrainLarge])
+@pytest.mark.parametrize("config_class", [TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT])
 def test_every_field_round_trips_through_the_cli_with_its_type(config_class):
     expected, argv = {}, [f"--use_large_config={config_class is TrainConfigPretrainLarge}"]
     for cls in (config_class, T5ModelConfig):
         hints, default = typing.get_type_hints(cls), cls()
         for field in dataclasses.fields(cls):
             value = changed_value(getattr(default, field.name), hints[field.name])
+            if field.name == "is_finetune":  # it chooses the config (TrainConfigSFT): keep the class's own
+                value = config_class is TrainConfigSFT
             expected[field.name] = value
             argv.append(f"--{field.name}={value}")
     cfg, model_cfg = parse_train(argv)
@@ -95,6 +100,16 @@ def test_booleans_accept_every_documented_spelling(spelling, meaning):
     cfg, _ = parse_train([f"--is_keep_training={spelling}", f"--use_large_config={spelling}"])
     assert cfg.is_keep_training is meaning
     assert type(cfg) is (TrainConfigPretrainLarge if meaning else TrainConfig)
+
+
+def test_fine_tuning_chooses_the_original_projects_sft_values_unless_the_large_config_is_asked_for():
+    cfg, _ = parse_train(["--is_finetune=True"])
+    assert type(cfg) is TrainConfigSFT and cfg.is_finetune
+    original = dict(epochs=20, batch_size_per_gpu=20, learn_rate=5e-5, gradient_accumulation_steps=6, max_seq_len=256)
+    assert {name: getattr(cfg, name) for name in original} == original
+    cfg, _ = parse_train(["--is_finetune=True", "--use_large_config=True"])
+    assert type(cfg) is TrainConfigPretrainLarge and cfg.is_finetune
+    assert type(parse_train(["--is_finetune=False"])[0]) is TrainConfig
 
 
 def test_numbers_written_as_floats_or_exponents_become_integers_when_whole():
@@ -119,6 +134,7 @@ def test_every_field_has_help_text():
 
 
 @pytest.mark.parametrize("variant,base", [(TrainConfigPretrainLarge, TrainConfig), (TrainConfigDemo, TrainConfig),
+                                          (TrainConfigSFT, TrainConfig),
                                           (T5ModelConfigDemo, T5ModelConfig)])
 def test_configs_with_other_defaults_keep_the_bounds_and_types_of_their_base(variant, base):
     bounds = {f.name: field_metadata(base, f.name) for f in dataclasses.fields(base)}

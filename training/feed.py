@@ -1,4 +1,7 @@
 """The training data for the loop: one optimizer step (`StepBatch`) at a time, from the state's position."""
+import queue
+import threading
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -54,6 +57,55 @@ class DataFeed:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.runtime.num_workers,
                             pin_memory=self.runtime.pin_memory, generator=torch.Generator(),
                             worker_init_fn=ignore_stop_signals)
+        # Without workers (the 12 GB box) the steps are built one ahead in a thread, as workers would: the loop
+        # then never waits for reading, tokenizing or padding (bench/bench_feed.py).
+        steps = loader if self.runtime.num_workers else ahead_in_a_thread(loader)
         step: StepBatch
-        for step in loader:
+        for step in steps:
             yield step
+
+
+_END = object()
+
+
+def ahead_in_a_thread(items, depth: int = 2):
+    """Iterate `items` in a background thread that keeps up to `depth` of them ready; its error is raised here.
+
+    An error (a data file that broke) is raised at the item where it happened, after the good ones: each rank
+    stops at the step it could not build, as without the thread. Closing the generator (the loop leaving an epoch
+    early) stops the thread after the item it is preparing, and waits for it; so does the interpreter's exit (the
+    thread is not a daemon: one still inside the tokenizer or Arrow while the interpreter shuts down would abort
+    the process). The positions travel inside the items, so preparing ahead changes nothing that is saved.
+    """
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    main = threading.main_thread()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set() and main.is_alive():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand_over(item):
+                    return
+            hand_over(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            hand_over(error)
+
+    thread = threading.Thread(target=produce, name="step-builder")
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -5,15 +5,16 @@ import time
 
 from config import with_resolved_paths
 from training.checkpoint import FINAL_DIR, save_hf_model
+from training.init_from import starting_settings
 from training.memory import freeze_startup_objects
 from training.preflight import check_before_training
 from training.recovery import guard_against_divergence, shrink_micro_batch
 from training.reporting import Reporter
-from training.resume import settings_to_resume
 from training.run import Run, build_run
 from training.runtime import build_accelerator, start_processes
 from training.schedule import learning_rate
-from utils.errors import RunAborted
+from utils.distributed import lost_contact
+from utils.errors import RankAborted, RunAborted
 
 log = logging.getLogger("trainer")
 
@@ -21,8 +22,7 @@ log = logging.getLogger("trainer")
 def run_training(cfg, model_cfg, given=frozenset()) -> None:
     cfg = with_resolved_paths(cfg)
     processes, runtime = start_processes(cfg)
-    if cfg.is_keep_training:
-        cfg, model_cfg = settings_to_resume(cfg, model_cfg, given, processes)
+    cfg, model_cfg = starting_settings(cfg, model_cfg, given, processes)
     # Every user mistake, before anything is built or written.
     warnings = check_before_training(cfg, model_cfg, processes.num_processes)
     run = build_run(cfg, model_cfg, build_accelerator(cfg, runtime), runtime)
@@ -35,6 +35,12 @@ def run_training(cfg, model_cfg, given=frozenset()) -> None:
     except RunAborted as abort:
         agreed_ending = abort.every_rank
         raise
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        # Its own traceback would only bury the other process's report, the one that says what went wrong.
+        raise RankAborted("another process stopped (its error says why) while this one waited for it in "
+                          "a collective") from None
     finally:
         run.signals.restore()
         close_run(run.accelerator, agreed_ending)
@@ -55,6 +61,8 @@ def fit(run: Run) -> None:
     state, cfg = run.state, run.cfg
     reporter = Reporter(run)
     freeze_startup_objects()
+    if state.global_step == 0 and cfg.init_from:
+        evaluate(run)  # the starting model's score: what this run has to improve on (and a best-k candidate)
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for step in run.feed.epoch_steps(state):
             rate = learning_rate(state, cfg.learn_rate, cfg.warmup_steps)

@@ -4,11 +4,11 @@ A resume continues at the next batch with the same data order, learning-rate ste
 streams: on CPU in fp32 the resumed run ends bitwise equal to an uninterrupted one.
 """
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 
+from model.tokenizer import tokenizer_fingerprint
 from training.checkpoint import complete_states
 from training.schedule import reaim
 from utils.distributed import decided_by_main
@@ -19,9 +19,8 @@ log = logging.getLogger("trainer")
 
 def describe_run(cfg, model_cfg, tokenizer) -> dict:
     """What a resume must match (model shape, tokenizer) or report (training settings): the state's run.json."""
-    with open(os.path.join(cfg.tokenizer_dir, "tokenizer.json"), "rb") as vocabulary:
-        fingerprint = hashlib.sha256(vocabulary.read()).hexdigest()[:16]
-    return {"model": dataclasses.asdict(model_cfg), "tokenizer": {"size": len(tokenizer), "sha256": fingerprint},
+    return {"model": dataclasses.asdict(model_cfg),
+            "tokenizer": {"size": len(tokenizer), "sha256": tokenizer_fingerprint(cfg.tokenizer_dir)},
             "train": dataclasses.asdict(cfg)}
 
 
@@ -40,14 +39,14 @@ def read_run_description(state_dir: str) -> dict:
         return json.load(saved_file)
 
 
-def adopt_model_shape(model_cfg, shape: dict, given, source: str):
+def adopt_model_shape(model_cfg, shape: dict, given, source: str, failure: str):
     """`model_cfg` with the shape of `source` (a saved run, a saved model); a shape flag the user gave that
-    differs from it is an error naming both values."""
+    differs from it is an error naming both values, after `failure`."""
     problems = [f"--{field.name}={getattr(model_cfg, field.name)!r} was given, but {source} has {shape[field.name]!r}"
                 for field in dataclasses.fields(model_cfg)
                 if field.name in given and field.name in shape and shape[field.name] != getattr(model_cfg, field.name)]
     if problems:
-        raise UserErrors([f"cannot resume, the saved state is incompatible: {problem}" for problem in problems])
+        raise UserErrors([f"{failure}: {problem}" for problem in problems])
     return dataclasses.replace(model_cfg, **{field.name: shape[field.name] for field in dataclasses.fields(model_cfg)
                                              if field.name in shape})
 
@@ -59,9 +58,12 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
     comes from the saved run's --tokenizer_dir unless one is given (then it must be the same tokenizer).
     """
     saved = read_run_description(newest_state(processes, cfg.output_dir))
-    model_cfg = adopt_model_shape(model_cfg, saved["model"], given, f"the saved run in {cfg.output_dir}")
+    model_cfg = adopt_model_shape(model_cfg, saved["model"], given, f"the saved run in {cfg.output_dir}",
+                                  "cannot resume, the saved state is incompatible")
     if "tokenizer_dir" not in given:
         cfg = dataclasses.replace(cfg, tokenizer_dir=saved["train"]["tokenizer_dir"])
+    if "freeze" not in given:  # the optimizer's state holds the tensors that trained: the same must train on
+        cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
     return cfg, model_cfg
 
 
@@ -72,13 +74,16 @@ def check_resumable(saved: dict, current: dict) -> None:
     if saved["tokenizer"] != current["tokenizer"]:
         problems.append(f"--tokenizer_dir: not the tokenizer the saved run used ({saved['tokenizer']})")
     # Another optimizer has other state: the saved moments would not load (or would mean something else).
-    saved_optimizer = saved["train"].get("optimizer", "adamw")
-    if saved_optimizer != current["train"]["optimizer"]:
-        problems.append(f"--optimizer: the saved run has {saved_optimizer!r}, this one {current['train']['optimizer']!r}")
+    # So has another set of trained tensors (--freeze).
+    for name, default in (("optimizer", "adamw"), ("freeze", "none")):
+        if saved["train"].get(name, default) != current["train"][name]:
+            problems.append(f"--{name}: the saved run has {saved['train'].get(name, default)!r}, this one "
+                            f"{current['train'][name]!r}")
     if problems:
         raise UserError("cannot resume, the saved state is incompatible: " + "; ".join(problems))
     for name, value in current["train"].items():
-        if name != "is_keep_training" and saved["train"].get(name) != value:
+        # Only a new run reads --init_from: a resume takes the weights it trained since.
+        if name not in ("is_keep_training", "init_from") and saved["train"].get(name) != value:
             log.warning("resume: --%s changed from %r to %r", name, saved["train"].get(name), value)
 
 

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from config import TrainConfig, changed_fields, split_paths, with_resolved_paths
-from model.t5 import build_model, count_parameters
+from model.t5 import FROZEN_MODULES, build_model, count_parameters, freeze, load_model
 from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from training.best_models import BestModels
 from training.checkpoint import Checkpointer
@@ -130,8 +130,15 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
     check_output_dir_is_shared(accelerator, cfg.output_dir)
     tokenizer = ensure_tokenizer(cfg, accelerator)
     set_seed(cfg.seed)
-    model = build_model(model_cfg, tokenizer)
-    log.info("model: %.1fM parameters, vocabulary %d", count_parameters(model) / 1e6, len(tokenizer))
+    if cfg.init_from:
+        model = load_model(model_cfg, tokenizer, cfg.init_from)
+        log.info("weights from %s (a new run: step 0, fresh optimizer and schedule)", cfg.init_from)
+    else:
+        model = build_model(model_cfg, tokenizer)
+    trainable = freeze(model, cfg.freeze)
+    log.info("model: %.2fM parameters, vocabulary %d; %.2fM train%s", count_parameters(model) / 1e6, len(tokenizer),
+             trainable / 1e6, f" (--freeze={cfg.freeze}: {' and '.join(FROZEN_MODULES[cfg.freeze])} frozen)"
+             if cfg.freeze != "none" else "")
     state = TrainingState(batch_size_per_gpu=cfg.batch_size_per_gpu,
                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                           world_size=accelerator.num_processes)

@@ -64,7 +64,10 @@ def export_model(model_dir: str, output_dir: str, quantization: str = "none") ->
     quiet_libraries()  # the converter loads the model through transformers, whose progress bar would show
     tokenizer = load_tokenizer(model_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output_dir={output_dir}: cannot create {parent}: {error}") from None
     # The converter makes this directory itself; a leftover of the same name is an earlier export's, crashed.
     tmp = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(output_dir)}-{os.getpid()}")
     try:

@@ -51,19 +51,18 @@ def build_model(model_cfg, tokenizer) -> T5ForConditionalGeneration:
 def load_model(model_cfg, tokenizer, model_dir: str) -> T5ForConditionalGeneration:
     """`build_model`'s architecture with the weights saved in `model_dir` (whose shape `model_cfg` already has):
     a run started from it resumes like any other. Every weight must be there: none is left at random."""
-    import torch
-
     try:
         model, loading = T5ForConditionalGeneration.from_pretrained(
-            model_dir, config=t5_config(model_cfg, tokenizer), dtype=torch.float32, output_loading_info=True)
+            model_dir, config=t5_config(model_cfg, tokenizer), output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"--init_from={model_dir}: the weights do not load ({str(error).strip()[:300]})") from None
     unfit = sorted(loading["missing_keys"]) + sorted(loading["unexpected_keys"]) + sorted(loading["mismatched_keys"])
     if unfit:
         raise UserError(f"--init_from={model_dir}: its weights do not fit the model its config.json describes "
                         f"({len(unfit)} tensors missing, unexpected or of another shape, e.g. {unfit[0]})")
-    # from_pretrained hands the model over in eval mode: training must see dropout, as a built model does.
-    return with_generation_defaults(model.train(), tokenizer)
+    # Training keeps fp32 weights whatever the saved dtype; from_pretrained hands the model over in eval mode, and
+    # training must see dropout, as a built model does.
+    return with_generation_defaults(model.float().train(), tokenizer)
 
 
 def freeze(model, part: str) -> int:

@@ -6,6 +6,7 @@ free: every text is a byte sequence and every byte is in the vocabulary, so ther
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -194,8 +195,18 @@ def has_tokenizer(tokenizer_dir) -> bool:
 
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
-    """Tells tokenizers apart: two directories with the same fingerprint tokenize alike."""
+    """The tokenizer.json file's hash: what a saved run records, and a resume compares."""
     return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def tokenize_alike(first_dir, second_dir) -> bool:
+    """Whether two saved tokenizers split text into the same ids. A model's copy records the truncation length of
+    the run that saved it (and may record padding); neither changes the ids."""
+    def vocabulary(directory) -> dict:
+        described = json.loads((Path(directory) / "tokenizer.json").read_text(encoding="utf-8"))
+        return {part: value for part, value in described.items() if part not in ("truncation", "padding")}
+
+    return vocabulary(first_dir) == vocabulary(second_dir)
 
 
 def load_tokenizer(tokenizer_dir) -> PreTrainedTokenizerFast:

@@ -8,6 +8,8 @@ Environment variables choose the patches:
 - T5LM_TEST_ECHO_FLAGS=1: `generate` prints the flags it received instead of loading a model;
 - T5LM_TEST_SLOW_FORWARD=S: every micro-batch's forward pass takes S seconds longer (a step long enough to be
   interrupted in the middle);
+- T5LM_TEST_UNREADABLE_ON_RANK=R:K: rank R cannot build its step K of the run (as if its data file broke there),
+  while every other rank goes on;
 - T5LM_TEST_COUNT_COLLECTIVES=1: every optimizer step prints to stderr how many torch.distributed collectives
   the Python side started during it (DDP's gradient all-reduce runs in C++ and is not counted).
 """
@@ -26,6 +28,7 @@ OOM_IN_BACKWARD_ON_RANK = "T5LM_TEST_OOM_IN_BACKWARD_ON_RANK"
 ECHO_FLAGS = "T5LM_TEST_ECHO_FLAGS"
 SLOW_FORWARD = "T5LM_TEST_SLOW_FORWARD"
 COUNT_COLLECTIVES = "T5LM_TEST_COUNT_COLLECTIVES"
+UNREADABLE_ON_RANK = "T5LM_TEST_UNREADABLE_ON_RANK"
 
 
 def patch_out_of_memory(rows_limit: int, backward_rank: str | None) -> None:
@@ -91,6 +94,21 @@ def patch_count_collectives() -> None:
     step.StepRunner.run = counting_run
 
 
+def patch_unreadable_step(rank: int, broken_step: int) -> None:
+    import training.feed as feed
+    from utils.errors import UnreadableData
+
+    real_epoch_steps = feed.DataFeed.epoch_steps
+
+    def epoch_steps_that_break(self, state):
+        for built, step in enumerate(real_epoch_steps(self, state), start=state.global_step + 1):
+            if self.rank == rank and built == broken_step:
+                raise UnreadableData(f"test: rank {rank} cannot read the rows of step {broken_step}")
+            yield step
+
+    feed.DataFeed.epoch_steps = epoch_steps_that_break
+
+
 def patch_echo_flags() -> None:
     import commands.saved_model as saved_model
 
@@ -106,4 +124,6 @@ if __name__ == "__main__":
         patch_slow_forward(float(os.environ[SLOW_FORWARD]))
     if os.environ.get(COUNT_COLLECTIVES):
         patch_count_collectives()
+    if os.environ.get(UNREADABLE_ON_RANK):
+        patch_unreadable_step(*map(int, os.environ[UNREADABLE_ON_RANK].split(":")))
     main(train_low_mem.COMMANDS)

@@ -30,9 +30,10 @@ def source_model(source) -> str:
 def new_run_flags(tmp_path, source, **overrides) -> dict:
     """A run started from the source model: no tokenizer or shape flags, they come with the model."""
     data = {name: source[name] for name in ("train_file", "validation_file")}
-    flags = tiny_run_flags(tmp_path, "unused", data, init_from=source_model(source), **overrides)
+    flags = dict(tiny_run_flags(tmp_path, "unused", data, init_from=source_model(source)), **overrides)
     for name in ("tokenizer_dir", "d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers"):
-        flags.pop(name)
+        if name not in overrides:
+            flags.pop(name)
     return flags
 
 
@@ -85,7 +86,8 @@ def no_config_directory(tmp_path) -> str:
     ("other_tokenizer", "is not the tokenizer of --init_from="),
     ("other_shape", "cannot start from the model, its shape differs: --d_model=64 was given, but --init_from="),
     ("keep_training", "starts a new run, --is_keep_training=True continues the one in --output_dir="),
-    ("inside_output_dir", "lies inside --output_dir="),
+    ("inside_output_dir", "overlap: the new run would write over the model it starts from"),
+    ("output_dir_inside", "overlap: the new run would write over the model it starts from"),
 ])
 def test_a_bad_start_from_a_model_is_one_error_line_and_trains_nothing(tmp_path, source, tiny_tokenizer_dir, case,
                                                                         fragment):
@@ -104,6 +106,8 @@ def test_a_bad_start_from_a_model_is_one_error_line_and_trains_nothing(tmp_path,
         flags["is_keep_training"] = True
     elif case == "inside_output_dir":
         flags["output_dir"] = source["output_dir"]
+    elif case == "output_dir_inside":
+        flags["output_dir"] = os.path.join(source_model(source), "fine-tuned")
     result = run_cli("train", flags, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -111,6 +115,25 @@ def test_a_bad_start_from_a_model_is_one_error_line_and_trains_nothing(tmp_path,
     assert "Traceback" not in result.stderr
     if case != "inside_output_dir":
         assert not os.path.exists(flags["output_dir"])
+
+
+def test_the_tokenizer_the_model_was_trained_with_may_be_named_too(tmp_path, source):
+    # The model's copy records its run's truncation length, the original does not: the same tokenizer all the same.
+    flags = new_run_flags(tmp_path, source, max_steps=1, tokenizer_dir=source["tokenizer_dir"])
+    run_cli("train", flags)
+    with open(os.path.join(flags["output_dir"], "train_config.json")) as saved:
+        assert json.load(saved)["train"]["tokenizer_dir"] == source_model(source)
+
+
+def test_fine_tuning_starts_by_default_from_the_best_model_a_run_lists(tmp_path):
+    from training.init_from import best_model_of
+
+    assert best_model_of(str(tmp_path)) is None  # no checkpoints.json
+    (tmp_path / "checkpoints.json").write_text(json.dumps({"best": []}))
+    assert best_model_of(str(tmp_path)) is None
+    (tmp_path / "checkpoints.json").write_text(json.dumps({"best": [{"path": "best/step-00000040", "bleu4": 0.5},
+                                                                    {"path": "best/step-00000020", "bleu4": 0.4}]}))
+    assert best_model_of(str(tmp_path)) == str(tmp_path / "best" / "step-00000040")
 
 
 def test_fine_tuning_without_init_from_names_the_missing_pre_trained_model(tmp_path, source):
@@ -128,9 +151,10 @@ def trained_tensors(before: dict, after: dict) -> set:
     return {name for name in before if not before[name].equal(after[name])}
 
 
+# (The tied output projection and input embeddings are the shared embedding: saved once, as shared.weight.)
 @pytest.mark.parametrize("freeze,frozen_prefixes", [
-    ("auto", ("shared.", "encoder.", "lm_head.")),  # fine-tuning's default: what the original froze
-    ("embeddings", ("shared.", "lm_head.", "encoder.embed_tokens.", "decoder.embed_tokens.")),
+    ("auto", ("shared.", "encoder.")),  # fine-tuning's default: what the original froze
+    ("embeddings", ("shared.",)),
 ])
 def test_fine_tuning_leaves_the_frozen_tensors_bitwise_unchanged_and_trains_the_rest(tmp_path, source, freeze,
                                                                                       frozen_prefixes):

@@ -122,7 +122,7 @@ def test_plan_suggests_a_smaller_micro_batch_or_shorter_texts_when_the_card_is_t
 
 
 def test_plan_falls_back_to_the_analytic_estimate_when_the_probe_breaks(capsys, tmp_path, monkeypatch):
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("a future torch")
 
     monkeypatch.setattr(plan_memory, "ProbedActivations", broken)

@@ -26,7 +26,7 @@ from tests.cli_helpers import (
     run_cli,
     tiny_run_flags,
 )
-from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD
+from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK
 from training.checkpoint import BEST_DIR, STATE_DIR, complete_states
 from utils.atomic import TMP_PREFIX
 
@@ -276,6 +276,18 @@ def test_a_data_file_that_breaks_mid_run_is_reported_by_the_rank_that_read_it(tm
     output = launcher.communicate(timeout=120)[0]  # no rank waits for the others until the 30-minute timeout
     assert launcher.returncode != 0
     assert f"] {train_file}: cannot read row group" in output and "error: [rank " in output
+    assert 'File "' + REPO not in output
+
+
+def test_a_rank_left_waiting_for_one_whose_data_broke_says_so_in_one_line_without_a_traceback(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100)
+    launcher = start_training(flags, nproc=2, entry=PATCHED_ENTRY, env={UNREADABLE_ON_RANK: "1:5"})
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode != 0
+    assert "error: [rank 1] test: rank 1 cannot read the rows of step 5" in output
+    assert ("error: [rank 0] another process stopped (its error says why) while this one waited for it in a "
+            "collective") in output
     assert 'File "' + REPO not in output
 
 

@@ -80,6 +80,8 @@ def ahead_in_a_thread(items, depth: int = 2):
     ready = queue.Queue(maxsize=depth)
     stop = threading.Event()
     main = threading.main_thread()
+    # Pinning host memory (--pin_memory without workers) happens in this thread: on this rank's GPU, not GPU 0.
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
     def hand_over(item) -> bool:
         while not stop.is_set() and main.is_alive():
@@ -91,6 +93,8 @@ def ahead_in_a_thread(items, depth: int = 2):
         return False
 
     def produce() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
         try:
             for item in items:
                 if not hand_over(item):

@@ -10,8 +10,9 @@ import json
 import os
 
 from config import TrainConfigPretrainLarge, resolve_path
-from model.tokenizer import has_tokenizer, load_tokenizer, tokenizer_fingerprint
+from model.tokenizer import has_tokenizer, load_tokenizer, tokenize_alike
 from training.resume import adopt_model_shape, settings_to_resume
+from utils.distributed import decided_by_main
 from utils.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -35,23 +36,24 @@ def starting_settings(cfg, model_cfg, given, processes) -> tuple:
         return settings_to_resume(dataclasses.replace(cfg, freeze=resolved_freeze(cfg)), model_cfg, given, processes)
     cfg = dataclasses.replace(cfg, freeze=resolved_freeze(cfg))
     if cfg.is_finetune and not cfg.init_from:
-        cfg = dataclasses.replace(cfg, init_from=best_pretrained_model())
+        # One choice for every rank: a pre-training still running may rewrite its list between two ranks' reads.
+        best = decided_by_main(processes, lambda: best_model_of(resolve_path(TrainConfigPretrainLarge().output_dir)))
+        if best is None:
+            raise UserError("--is_finetune=True starts from --init_from, by default the best model of the "
+                            f"pre-training run in {TrainConfigPretrainLarge().output_dir}, which lists none (no "
+                            "checkpoints.json there): give --init_from=<a final/ or best/step-* directory>")
+        cfg = dataclasses.replace(cfg, init_from=best)
     return settings_from_model(cfg, model_cfg, given) if cfg.init_from else (cfg, model_cfg)
 
 
-def best_pretrained_model() -> str:
-    """The best model the large pre-training run lists (its checkpoints.json, best first)."""
-    run_dir = resolve_path(TrainConfigPretrainLarge().output_dir)
+def best_model_of(run_dir: str) -> str | None:
+    """The best model a run lists (its checkpoints.json, best first), or None."""
     try:
         with open(os.path.join(run_dir, "checkpoints.json"), encoding="utf-8") as listing:
             best = json.load(listing)["best"]
     except (OSError, ValueError, KeyError):
-        best = []
-    if not best:
-        raise UserError(f"--is_finetune=True starts from --init_from, by default the best model of the pre-training "
-                        f"run in {run_dir}, which lists none (no checkpoints.json there): give "
-                        "--init_from=<a final/ or best/step-* directory>")
-    return os.path.join(run_dir, best[0]["path"])
+        return None
+    return os.path.join(run_dir, best[0]["path"]) if best else None
 
 
 def read_t5_config(model_dir: str) -> dict:
@@ -86,7 +88,7 @@ def model_tokenizer_dir(cfg, model_dir: str, given) -> str:
         raise UserError(f"--init_from={model_dir}: holds no tokenizer.json; give --tokenizer_dir=<the tokenizer the "
                         "model was trained with>")
     if "tokenizer_dir" in given and (not has_tokenizer(cfg.tokenizer_dir)
-                                     or tokenizer_fingerprint(cfg.tokenizer_dir) != tokenizer_fingerprint(model_dir)):
+                                     or not tokenize_alike(cfg.tokenizer_dir, model_dir)):
         raise UserError(f"--tokenizer_dir={cfg.tokenizer_dir} is not the tokenizer of --init_from={model_dir}: "
                         "leave --tokenizer_dir out, the model's own is used")
     return model_dir
@@ -96,9 +98,9 @@ def settings_from_model(cfg, model_cfg, given) -> tuple:
     """The model's shape and tokenizer. A shape flag that differs is an error; --dropout_rate is not part of the
     shape and may change."""
     config = read_t5_config(cfg.init_from)
-    output_dir = os.path.realpath(cfg.output_dir)
-    if os.path.commonpath([os.path.realpath(cfg.init_from), output_dir]) == output_dir:
-        raise UserError(f"--init_from={cfg.init_from} lies inside --output_dir={cfg.output_dir}: the new run would "
+    source, output_dir = os.path.realpath(cfg.init_from), os.path.realpath(cfg.output_dir)
+    if os.path.commonpath([source, output_dir]) in (source, output_dir):
+        raise UserError(f"--init_from={cfg.init_from} and --output_dir={cfg.output_dir} overlap: the new run would "
                         "write over the model it starts from; choose another --output_dir")
     cfg = dataclasses.replace(cfg, tokenizer_dir=model_tokenizer_dir(cfg, cfg.init_from, given))
     tokenizer = load_tokenizer(cfg.tokenizer_dir)

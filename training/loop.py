@@ -59,10 +59,10 @@ def close_run(accelerator, agreed_ending: bool) -> None:
 
 def fit(run: Run) -> None:
     state, cfg = run.state, run.cfg
-    reporter = Reporter(run)
-    freeze_startup_objects()
     if state.global_step == 0 and cfg.init_from:
         evaluate(run)  # the starting model's score: what this run has to improve on (and a best-k candidate)
+    reporter = Reporter(run)  # after it: the first throughput figure counts training only
+    freeze_startup_objects()
     while state.epoch < cfg.epochs and not reached_max_steps(run):
         for step in run.feed.epoch_steps(state):
             rate = learning_rate(state, cfg.learn_rate, cfg.warmup_steps)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from model.tokenizer import tokenizer_fingerprint
+from model.tokenizer import has_tokenizer, tokenizer_fingerprint
 from training.checkpoint import complete_states
 from training.schedule import reaim
 from utils.distributed import decided_by_main
@@ -62,6 +62,9 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
                                   "cannot resume, the saved state is incompatible")
     if "tokenizer_dir" not in given:
         cfg = dataclasses.replace(cfg, tokenizer_dir=saved["train"]["tokenizer_dir"])
+        if not has_tokenizer(cfg.tokenizer_dir):  # else a new tokenizer would be trained there, and refused
+            raise UserError(f"--is_keep_training=True: the saved run's tokenizer ({cfg.tokenizer_dir}) is gone; give "
+                            f"--tokenizer_dir=<a copy of it>, e.g. {os.path.join(cfg.output_dir, 'final')}")
     if "freeze" not in given:  # the optimizer's state holds the tensors that trained: the same must train on
         cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
     return cfg, model_cfg

@@ -20,6 +20,7 @@ from training.best_models import BestModels
 from training.checkpoint import Checkpointer
 from training.evaluation import Evaluator
 from training.feed import DataFeed
+from training.init_from import resolved_freeze
 from training.memory import MemoryHygiene
 from training.optim import RECIPES, build_optimizer
 from training.reporting import MetricsLog
@@ -97,13 +98,17 @@ def record_configuration(cfg, model_cfg, accelerator, runtime: Runtime) -> None:
                                "runtime": dataclasses.asdict(runtime)})
 
 
-def check_optimizer_fits_the_engine(name: str, accelerator) -> None:
+def check_optimizer_fits_the_engine(name: str, frozen: str, accelerator) -> None:
     """DeepSpeed ZeRO and FSDP hand the optimizer flattened shards: an RMS per tensor or a factored moment would
-    be computed over pieces of several tensors, a different (and untested) optimizer."""
-    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
-    if sharded and RECIPES[name].relative:
-        raise UserError(f"--optimizer={name} scales each tensor by its own RMS, which {accelerator.distributed_type.value} "
+    be computed over pieces of several tensors, a different (and untested) optimizer. FSDP also flattens frozen and
+    trained tensors together, which it refuses or trains alike."""
+    engine = accelerator.distributed_type.value
+    if engine in ("DEEPSPEED", "FSDP") and RECIPES[name].relative:
+        raise UserError(f"--optimizer={name} scales each tensor by its own RMS, which {engine} "
                         "shards into flat pieces: use --optimizer=adamw with it")
+    if engine == "FSDP" and frozen != "none":
+        raise UserError(f"--freeze={frozen} with FSDP: FSDP flattens frozen and trained tensors together; use DDP "
+                        "or DeepSpeed to fine-tune with frozen parts, or --freeze=none")
 
 
 DISTRIBUTION = {"NO": "not distributed", "MULTI_GPU": "data parallel (DDP) over GPUs",
@@ -135,15 +140,16 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
         log.info("weights from %s (a new run: step 0, fresh optimizer and schedule)", cfg.init_from)
     else:
         model = build_model(model_cfg, tokenizer)
-    trainable = freeze(model, cfg.freeze)
+    frozen = resolved_freeze(cfg)
+    trainable = freeze(model, frozen)
     log.info("model: %.2fM parameters, vocabulary %d; %.2fM train%s", count_parameters(model) / 1e6, len(tokenizer),
-             trainable / 1e6, f" (--freeze={cfg.freeze}: {' and '.join(FROZEN_MODULES[cfg.freeze])} frozen)"
-             if cfg.freeze != "none" else "")
+             trainable / 1e6, f" (--freeze={frozen}: {' and '.join(FROZEN_MODULES[frozen])} frozen)"
+             if frozen != "none" else "")
     state = TrainingState(batch_size_per_gpu=cfg.batch_size_per_gpu,
                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                           world_size=accelerator.num_processes)
     feed = DataFeed(cfg, tokenizer, runtime, accelerator.process_index, accelerator.num_processes)
-    check_optimizer_fits_the_engine(cfg.optimizer, accelerator)
+    check_optimizer_fits_the_engine(cfg.optimizer, frozen, accelerator)
     model.to(accelerator.device)  # first: a fused optimizer is built for the device its tensors live on
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
     accelerator.register_for_checkpointing(state)

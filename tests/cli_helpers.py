@@ -1,6 +1,7 @@
 """Running the real CLI in subprocesses, with tiny models, and reading what a run leaves behind."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,13 @@ def as_flags(flags: dict) -> list[str]:
     return [f"--{name}={value}" for name, value in flags.items()]
 
 
+def free_port() -> int:
+    """A port no process listens on now: tests may run side by side (pytest -n 2), each launch needs its own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_cli(command: str, flags: dict, nproc: int = 1, env: dict | None = None, timeout: int = 300,
             check: bool = True, entry: str = ENTRY) -> subprocess.CompletedProcess:
     """`python train_low_mem.py COMMAND --flags` (or under torchrun with `nproc` CPU ranks, gloo)."""
@@ -36,7 +44,7 @@ def run_cli(command: str, flags: dict, nproc: int = 1, env: dict | None = None, 
         launcher = [sys.executable, entry]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000), entry]
+                    "--master_port", str(free_port()), entry]
     result = subprocess.run(launcher + [command] + as_flags(flags), capture_output=True, text=True,
                             cwd=REPO, env=child_env(ACCELERATE_USE_CPU="true", **(env or {})), timeout=timeout)
     if check and result.returncode != 0:

@@ -21,6 +21,7 @@ from tests.cli_helpers import (
     assert_same_weights,
     child_env,
     final_weights,
+    free_port,
     make_task_data,
     read_metrics,
     run_cli,
@@ -140,7 +141,7 @@ def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | 
     (Ctrl-C there signals every process of the group: the run and its DataLoader workers)."""
     launcher = [sys.executable, entry] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-        str(29700 + os.getpid() % 200), entry]
+        str(free_port()), entry]
     return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=own_group,
                             env=child_env(ACCELERATE_USE_CPU="true", **(env or {})))

@@ -23,8 +23,9 @@ from config import (
 
 @command
 def train(cfg: TrainConfig, model_cfg: T5ModelConfig, given: GivenFlags):
-    """Train on train_file: a new model, one from --init_from (--is_finetune=True: fine-tune), or with
-    --is_keep_training=True resume. Every config field is a flag:"""
+    """Train on train_file: from scratch, from a model (--init_from, --is_finetune) or resuming (--is_keep_training).
+
+    Every config field is a flag:"""
     from training.loop import run_training
     run_training(cfg, model_cfg, given)
 

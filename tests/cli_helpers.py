@@ -79,6 +79,14 @@ def tiny_run_flags(tmp_path, tokenizer_dir: str, data: dict, **overrides) -> dic
     return flags
 
 
+def trained_tiny_run(directory, task, **overrides) -> dict:
+    """A seconds-long run of the task (`tiny_run_flags` and `overrides`) trained to its end: its flags."""
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(directory, tokenizer_dir, data, **overrides)
+    run_cli("train", flags)
+    return flags
+
+
 def read_metrics(output_dir: str, event: str | None = None) -> list[dict]:
     with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as lines:
         records = [json.loads(line) for line in lines if line.strip()]

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from config import TrainConfigPretrainLarge, resolve_path
-from tests.cli_helpers import assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
+from tests.cli_helpers import (
+    assert_same_weights,
+    final_weights,
+    read_metrics,
+    run_cli,
+    tiny_run_flags,
+    trained_tiny_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +24,7 @@ SOURCE_RUN = dict(epochs=1, batch_size_per_gpu=8, save_steps=100, dropout_rate=0
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, task):
     """A trained tiny model: its run's flags (the last evaluation scored the model that final/ holds)."""
-    data, tokenizer_dir = task
-    flags = tiny_run_flags(tmp_path_factory.mktemp("source"), tokenizer_dir, data, **SOURCE_RUN)
-    run_cli("train", flags)
-    return flags
+    return trained_tiny_run(tmp_path_factory.mktemp("source"), task, **SOURCE_RUN)
 
 
 def source_model(source) -> str:

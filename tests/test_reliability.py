@@ -26,6 +26,7 @@ from tests.cli_helpers import (
     read_metrics,
     run_cli,
     tiny_run_flags,
+    trained_tiny_run,
 )
 from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK
 from training.checkpoint import BEST_DIR, STATE_DIR, complete_states
@@ -129,10 +130,7 @@ CRASH_RUN = dict(epochs=1, save_steps=1, logging_steps=1, eval_max_samples=4, ev
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, task):
-    data, tokenizer_dir = task
-    flags = tiny_run_flags(tmp_path_factory.mktemp("uninterrupted"), tokenizer_dir, data, **CRASH_RUN)
-    run_cli("train", flags)
-    return flags
+    return trained_tiny_run(tmp_path_factory.mktemp("uninterrupted"), task, **CRASH_RUN)
 
 
 def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None,

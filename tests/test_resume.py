@@ -5,7 +5,15 @@ import shutil
 
 import pytest
 
-from tests.cli_helpers import TINY_MODEL, assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
+from tests.cli_helpers import (
+    TINY_MODEL,
+    assert_same_weights,
+    final_weights,
+    read_metrics,
+    run_cli,
+    tiny_run_flags,
+    trained_tiny_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -17,10 +25,7 @@ TOTAL_STEPS = 2 * 256 // 8
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, task):
-    data, tokenizer_dir = task
-    flags = tiny_run_flags(tmp_path_factory.mktemp("uninterrupted"), tokenizer_dir, data, **RUN)
-    run_cli("train", flags)
-    return flags
+    return trained_tiny_run(tmp_path_factory.mktemp("uninterrupted"), task, **RUN)
 
 
 def test_stopping_and_resuming_twice_ends_bitwise_identical_to_an_uninterrupted_run(tmp_path, task, uninterrupted):

@@ -1,10 +1,13 @@
 """Reliability: bad input is one clear line per problem; kills, signals, divergence and OOM lose nothing."""
+import io
 import json
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -30,6 +33,7 @@ from tests.cli_helpers import (
 )
 from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK
 from training.checkpoint import BEST_DIR, STATE_DIR, complete_states
+from training.signals import StopSignals
 from utils.atomic import TMP_PREFIX
 
 pytestmark = pytest.mark.slow
@@ -346,6 +350,43 @@ def test_a_second_ctrl_c_ends_the_run_at_once_with_one_line(tmp_path, task):
     assert process.returncode == 130 and time.time() - started < 5
     assert "Traceback" not in output and output.count("error: ") == 1
     assert "error: a second Ctrl-C: stopped at once" in output
+
+
+class SignalledWhileWriting(io.RawIOBase):
+    """A log file whose first write is interrupted by Ctrl-C: Python runs the handler right there, inside the
+    buffered writer's flush (what a write(2) interrupted by the signal does in a real run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if not self.written:
+            signal.raise_signal(signal.SIGINT)
+        self.written += data
+        return len(data)
+
+
+def test_ctrl_c_while_a_log_line_is_being_written_is_announced_without_a_logging_error(monkeypatch, capsys):
+    raw = SignalledWhileWriting()
+    handler = logging.StreamHandler(io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8"))
+    monkeypatch.setattr(logging.getLogger("trainer"), "handlers", [handler])
+    signals = StopSignals()
+    try:
+        logging.getLogger("trainer").warning("step 7/100 epoch 0 | loss 3.2")
+    finally:
+        signals.restore()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join(timeout=10)
+    assert signals.is_requested()
+    assert "Logging error" not in capsys.readouterr().err
+    assert raw.written.decode().splitlines() == [
+        "step 7/100 epoch 0 | loss 3.2",
+        "SIGINT received: saving a resumable state after the step in progress, then exiting"]
 
 
 # ---------------------------------------------------------------- divergence and out of memory

@@ -3,11 +3,15 @@
 The handler only sets a flag: saving from inside a signal handler could interleave with a collective and hang.
 The step reads the flag just before its one all-reduce and carries it there, so every rank stops after the same
 step even if only one got the signal. A second Ctrl-C ends the process at once, with one line.
+
+Python runs a signal handler in the main thread between two bytecodes, and that can be inside a write to the very
+stream the handler would write to (a log line's flush waiting in write(2) is the common case): a buffered stream
+refuses to be re-entered ("reentrant call"). So the handler writes nothing through Python's streams itself.
 """
 import logging
 import os
 import signal
-import sys
+import threading
 
 from utils.log import THIS_RANK_ONLY
 
@@ -27,13 +31,17 @@ class StopSignals:
 
     def _request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            # Raising KeyboardInterrupt here would print a traceback from wherever the loop happened to be.
-            print("error: a second Ctrl-C: stopped at once; the last saved state is kept (resume with "
-                  "--is_keep_training=True)", file=sys.stderr, flush=True)
+            # Raising KeyboardInterrupt here would print a traceback from wherever the loop happened to be;
+            # os.write goes round sys.stderr's buffer, which the interrupted code may be in the middle of.
+            os.write(2, b"error: a second Ctrl-C: stopped at once; the last saved state is kept (resume with "
+                        b"--is_keep_training=True)\n")
             os._exit(EXIT_INTERRUPTED)
         self.requested = True
-        log.warning("%s received: saving a resumable state after the step in progress, then exiting",
-                    signal.Signals(signum).name, extra=THIS_RANK_ONLY)
+        # A thread of its own waits for the log handlers' lock (held if the main thread was logging) and then
+        # writes the line; the interpreter waits for it before exiting.
+        threading.Thread(target=log.warning, name="announce-stop-signal",
+                         args=("%s received: saving a resumable state after the step in progress, then exiting",
+                               signal.Signals(signum).name), kwargs={"extra": THIS_RANK_ONLY}).start()
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -94,7 +94,8 @@ class TrainConfig:
     tokenizer_train_rows: int = bounded(40_000, min=0)
     """Rows sampled to train a tokenizer (0 = all rows); 40k keeps training under 1 GB of RAM."""
     max_seq_len: int = bounded(256, min=8)
-    """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated."""
+    """Most tokens of a prompt and of a response, each including its [EOS]; longer texts are truncated
+    (span_corruption: the encoder's input length; chunks are a little longer, targets about a quarter of it)."""
     dataloader_buffer_size: int = bounded(50000, min=1)
     """Shuffle window in rows; also bounds how many rows are held in memory."""
     ultra_low_mem: AutoBool = "auto"
@@ -103,6 +104,17 @@ class TrainConfig:
     """DataLoader worker processes per GPU process (auto: 0 under 15 GB of RAM or without a GPU, else 2)."""
     pin_memory: AutoBool = "auto"
     """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
+
+    # --- what the model learns ---
+    objective: Literal["seq2seq", "span_corruption"] = "seq2seq"
+    """seq2seq: write each row's response from its prompt; span_corruption: T5's pre-training on raw documents
+    (--text_column), packed into chunks, ~noise_density of their tokens cut out in spans the decoder restores."""
+    text_column: str = "text"
+    """span_corruption: the column of documents in train_file and validation_file."""
+    noise_density: float = bounded(0.15, min=0.01, max=0.5)
+    """span_corruption: share of each chunk's tokens cut out."""
+    mean_noise_span_length: float = bounded(3.0, min=1.0)
+    """span_corruption: mean length of a cut span, in tokens."""
 
     # --- where the weights start ---
     init_from: str = ""
@@ -155,9 +167,9 @@ class TrainConfig:
     save_steps: int = bounded(10000, min=1)
     """Evaluate and save a resumable state every this many optimizer steps."""
     keep_latest_n_ckp: int = bounded(5, min=0)
-    """Best models (by BLEU-4) kept on disk; 0 keeps none."""
+    """Best models (by BLEU-4; span_corruption: by eval loss) kept on disk; 0 keeps none."""
     eval_max_samples: int = bounded(1000, min=0)
-    """Validation rows per evaluation (greedy generation is slow; see the README)."""
+    """Validation rows per evaluation (greedy generation is slow; see the README); span_corruption: chunks."""
     eval_batch_size: int = bounded(32, min=1)
     """Rows per generation batch during evaluation."""
     max_steps: int = bounded(0, min=0)
@@ -303,6 +315,9 @@ class TokenizerFlags:
     """Parquet file with prompt and response columns (or comma-separated paths)."""
     tokenizer_dir: str = "model_save/tokenizer"
     """Where the tokenizer is saved."""
+    text_column: str = ""
+    """Train on this column of raw documents instead of prompt and response (for --objective=span_corruption): the
+    tokenizer then also has T5's 100 sentinel tokens <extra_id_0> ... <extra_id_99>."""
     vocab_size: int = bounded(32000, min=300)
     """Vocabulary size, including the 4 special tokens and the 256 bytes."""
     max_rows: int = bounded(40_000, min=0)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import pyarrow.parquet as pq  # noqa: E402
 from bench_long_run import distinct_rows  # noqa: E402
 
-import model.dataset as dataset_module  # noqa: E402
+import model.windows as windows_module  # noqa: E402
 import training.feed as feed_module  # noqa: E402
 from config import TrainConfigPretrainLarge  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
               f"accumulation per rank, windows of {cfg.dataloader_buffer_size} rows, max_seq_len "
               f"{cfg.max_seq_len}, simulated step {args.step_seconds} s, {args.steps} steps per arm", flush=True)
         threaded = blocked_share(cfg, tokenizer, args.steps, args.step_seconds, args.world_size)
-        with mock.patch.object(dataset_module, "ThreadPoolExecutor", InlineExecutor), \
+        with mock.patch.object(windows_module, "ThreadPoolExecutor", InlineExecutor), \
                 mock.patch.object(feed_module, "ahead_in_a_thread", iter):
             inline = blocked_share(cfg, tokenizer, args.steps, args.step_seconds, args.world_size)
     print(f"\n  {'data preparation':<28}{'blocked / step time':>20}{'longest wait':>14}{'windows':>9}")

@@ -1,4 +1,5 @@
-"""Lossless byte-level BPE tokenizer trained from the `prompt`/`response` columns of parquet files.
+"""Lossless byte-level BPE tokenizer trained from the `prompt`/`response` columns of parquet files (or, for raw text
+and span corruption, from one text column; that tokenizer also has T5's 100 sentinel tokens, <extra_id_0>...).
 
 Lossless means `decode(encode(text), skip_special_tokens=True) == text` for any Unicode text, which rules out
 normalizers (NFKC folds full-width characters) and anything that eats whitespace. Byte-level BPE gets it for
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from model.parquet import TEXT_COLUMNS, open_parquet, read_batches, read_footer
+from model.span_corruption import sentinel_tokens
 from utils.atomic import replace_directory
 from utils.errors import UserError
 
@@ -42,9 +44,9 @@ def _as_paths(files) -> list[Path]:
     return [Path(file) for file in files]
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
+def _open_parquet(path: Path, columns) -> pq.ParquetFile:
     # Any text trains the tokenizer: a file whose prompts (or responses) are all empty still has the others.
-    read_footer(str(path), TEXT_COLUMNS, require_usable=False)
+    read_footer(str(path), columns, require_usable=False)
     return open_parquet(str(path))
 
 
@@ -72,23 +74,21 @@ class _EvenlySpacedRows:
 
 
 def _texts_of_row_group(
-    path: Path, parquet: pq.ParquetFile, group: int, first_row: int, sample: _EvenlySpacedRows
+    path: Path, parquet: pq.ParquetFile, group: int, first_row: int, sample: _EvenlySpacedRows, columns
 ) -> Iterator[str]:
     batch_start = first_row
-    for batch in read_batches(parquet, str(path), TEXT_COLUMNS, row_group=group):
+    for batch in read_batches(parquet, str(path), columns, row_group=group):
         rows = sample.between(batch_start, batch_start + batch.num_rows)
         batch_start += batch.num_rows
         # Picking rows in Arrow first means unchosen texts never become Python strings.
         chosen = batch.take(pyarrow.array(rows, type=pyarrow.int64()))
-        for prompt, response in zip(*(chosen.column(name).to_pylist() for name in TEXT_COLUMNS)):
-            if prompt:
-                yield prompt
-            if response:
-                yield response
+        for row in zip(*(chosen.column(name).to_pylist() for name in columns)):
+            yield from (text for text in row if text)
 
 
-def _iter_texts(parquets: list[tuple[Path, pq.ParquetFile]], max_rows: int | None, seed: int) -> Iterator[str]:
-    """Non-empty prompts and responses of (a sample of at most `max_rows` rows of) all files, in file order."""
+def _iter_texts(parquets: list[tuple[Path, pq.ParquetFile]], max_rows: int | None, seed: int, columns
+                ) -> Iterator[str]:
+    """Non-empty texts of `columns` in (a sample of at most `max_rows` rows of) all files, in file order."""
     total_rows = sum(parquet.metadata.num_rows for _, parquet in parquets)
     if total_rows == 0:
         return
@@ -98,7 +98,7 @@ def _iter_texts(parquets: list[tuple[Path, pq.ParquetFile]], max_rows: int | Non
         for group in range(parquet.metadata.num_row_groups):
             group_end = first_row + parquet.metadata.row_group(group).num_rows
             if sample.any_between(first_row, group_end):  # otherwise the group is never read
-                yield from _texts_of_row_group(path, parquet, group, first_row, sample)
+                yield from _texts_of_row_group(path, parquet, group, first_row, sample, columns)
             first_row = group_end
 
 
@@ -111,7 +111,7 @@ def _new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+def _wrap(tokenizer: Tokenizer, sentinels: list[str]) -> PreTrainedTokenizerFast:
     eos_id = tokenizer.token_to_id(EOS)
     # T5 style: every sequence ends in [EOS]; truncation reserves room for it.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -123,6 +123,7 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         unk_token=UNK,
         bos_token=BOS,
+        additional_special_tokens=sentinels,  # dropped by decode(skip_special_tokens=True), as the others
         model_max_length=MODEL_MAX_LENGTH,
         clean_up_tokenization_spaces=False,  # its "cleanup" deletes spaces before punctuation
     )
@@ -140,44 +141,50 @@ def _replace_directory(new_dir: Path, out_dir: Path) -> None:
 
 
 def train_tokenizer(
-    files, out_dir, vocab_size=32000, max_rows=DEFAULT_MAX_ROWS, seed=0
+    files, out_dir, vocab_size=32000, max_rows=DEFAULT_MAX_ROWS, seed=0, text_column=None
 ) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE on the texts of `files` (a path or a list of paths) and saves it to `out_dir`.
+
+    The texts are the prompts and responses, or with `text_column` that column's documents; such a tokenizer is
+    meant for span corruption and gets T5's 100 sentinel tokens (ids 4 to 103, after the four special tokens).
 
     Reads in bounded memory, batch by batch. `max_rows` caps the rows used (None: all), evenly spaced over
     all files with a `seed`-dependent phase, which also bounds the trainer's memory. Null and empty texts are
     skipped.
     """
-    minimum_vocab = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet()) + 1
+    columns = (text_column,) if text_column else TEXT_COLUMNS
+    sentinels = sentinel_tokens() if text_column else []
+    minimum_vocab = len(SPECIAL_TOKENS) + len(sentinels) + len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < minimum_vocab:
-        raise UserError(f"vocab_size {vocab_size}: must be at least {minimum_vocab} (specials + 256 bytes + 1)")
+        raise UserError(f"vocab_size {vocab_size}: must be at least {minimum_vocab} (specials"
+                        f"{' and sentinels' * bool(sentinels)} + 256 bytes + 1)")
     if max_rows is not None and max_rows < 1:
         raise UserError(f"max_rows {max_rows}: must be positive")
     paths = _as_paths(files)
     if not paths:
         raise UserError("train file: no files given")
-    parquets = [(path, _open_parquet(path)) for path in paths]
+    parquets = [(path, _open_parquet(path, columns)) for path in paths]
 
     texts_seen = 0
 
     def counted_texts() -> Iterator[str]:
         nonlocal texts_seen
-        for text in _iter_texts(parquets, max_rows, seed):
+        for text in _iter_texts(parquets, max_rows, seed, columns):
             texts_seen += 1
             yield text
 
     tokenizer = _new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS) + sentinels,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no text is ever unknown
         show_progress=False,
     )
     tokenizer.train_from_iterator(counted_texts(), trainer=trainer)
     if texts_seen == 0:
-        raise UserError(f"train file {', '.join(map(str, paths))}: no non-empty prompt or response text")
+        raise UserError(f"train file {', '.join(map(str, paths))}: no non-empty text in {' or '.join(columns)}")
 
-    wrapped = _wrap(tokenizer)
+    wrapped = _wrap(tokenizer, sentinels)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -56,6 +56,36 @@ def tiny_corpus_rows(count: int = 300, seed: int = 0) -> tuple[list[str], list[s
     return prompts, responses
 
 
+def raw_documents(count: int, seed: int = 0) -> list:
+    """Documents of very different lengths (a phrase to a few hundred characters), one null and one empty among
+    them, for span corruption."""
+    rng = random.Random(seed)
+    pieces = _CHINESE_PHRASES * 3 + _ENGLISH_PHRASES + _EXTRAS
+    documents = ["".join(rng.choice(pieces) for _ in range(rng.choice((1, 2, 5, 10, 40)))) for _ in range(count)]
+    documents[count // 3], documents[count // 2] = None, ""
+    return documents
+
+
+def write_text_parquet(path, documents, row_group_size=None, column="text") -> Path:
+    """A parquet of raw documents in one text column (and an unrelated column, as real corpora have)."""
+    table = pa.table({"id": pa.array(range(len(documents)), pa.int64()), column: pa.array(documents, pa.string())})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def text_task(tmp_path_factory):
+    """Raw-text train and validation files (400 and 60 documents) and a tokenizer with sentinels trained on them."""
+    from model.tokenizer import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("text_task")
+    data = {"train_file": str(write_text_parquet(directory / "train.parquet", raw_documents(400, seed=1),
+                                                 row_group_size=50)),
+            "validation_file": str(write_text_parquet(directory / "valid.parquet", raw_documents(60, seed=2)))}
+    train_tokenizer(data["train_file"], directory / "tokenizer", vocab_size=600, text_column="text")
+    return data, str(directory / "tokenizer")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from model.tokenizer import train_tokenizer

@@ -1,4 +1,5 @@
-"""The best `keep_latest_n_ckp` models by BLEU-4, on disk under best/ and listed best first in checkpoints.json.
+"""The best `keep_latest_n_ckp` models by BLEU-4 (span corruption: by the lowest eval loss), on disk under best/ and
+listed best first in checkpoints.json, which names the metric that ranks them.
 
 A model that falls out of the top k is deleted only once a state that no longer lists it is saved, so the newest
 state's list always names models that exist.
@@ -13,26 +14,30 @@ from utils.atomic import write_json_atomically
 log = logging.getLogger("trainer")
 
 
+HIGHER_IS_BETTER = {"bleu4": True, "eval_loss": False}
+
+
 class BestModels:
-    """The top `keep` models by BLEU-4 on disk, listed best first in checkpoints.json.
+    """The top `keep` models by `metric` on disk, listed best first in checkpoints.json.
 
     Ties keep the earlier model: an equal score never displaces a model already in the top k.
     """
 
-    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer):
+    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer, metric: str = "bleu4"):
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.keep = keep
         self.tokenizer = tokenizer
+        self.metric = metric
 
-    @staticmethod
-    def ranked(entries: list) -> list:
-        return sorted(entries, key=lambda e: (-e["bleu4"], e["step"]))
+    def ranked(self, entries: list) -> list:
+        sign = -1 if HIGHER_IS_BETTER[self.metric] else 1
+        return sorted(entries, key=lambda e: (sign * e[self.metric], e["step"]))
 
-    def consider(self, model, state, bleu4: float) -> bool:
-        """Save the model if it enters the top k and update `state.best`. Call on every rank; what falls out stays
-        on disk until `sync_disk` after the state is saved."""
-        candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", "bleu4": bleu4,
+    def consider(self, model, state, score: float) -> bool:
+        """Save the model if it enters the top k by its `score` (the metric's value) and update `state.best`. Call
+        on every rank; what falls out stays on disk until `sync_disk` after the state is saved."""
+        candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", self.metric: score,
                      "epoch": state.epoch, "step": state.global_step}
         others = [e for e in state.best if e["step"] != state.global_step]
         best = self.ranked(others + [candidate])[: self.keep]
@@ -47,15 +52,16 @@ class BestModels:
         missing = [e for e in state.best
                    if not main_process_sees(self.accelerator, os.path.join(self.output_dir, e["path"], "config.json"))]
         for entry in missing:
-            log.warning("best model %s (bleu4 %.4f) is listed in the saved state but missing on disk: forgotten",
-                        entry["path"], entry["bleu4"])
+            log.warning("best model %s (%s %.4f) is listed in the saved state but missing on disk: forgotten",
+                        entry["path"], self.metric, entry[self.metric])
         state.best = [e for e in state.best if e not in missing]
         self.sync_disk(state.best)
 
     def sync_disk(self, best: list) -> None:
         """Make checkpoints.json and best/ match `best` exactly (models newer than a resumed state go too)."""
         if self.accelerator.is_main_process:
-            write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"best": best})
+            write_json_atomically(os.path.join(self.output_dir, "checkpoints.json"), {"metric": self.metric,
+                                                                                      "best": best})
             root = os.path.join(self.output_dir, BEST_DIR)
             kept = {os.path.basename(e["path"]) for e in best}
             for name in os.listdir(root) if os.path.isdir(root) else []:

@@ -1,14 +1,18 @@
-"""Evaluation: validation loss and BLEU-4 of greedy generations, split across ranks and gathered as strings."""
+"""Evaluation on the validation file, split across ranks: for seq2seq the loss and BLEU-4 of greedy generations
+(gathered as strings), for span corruption the held-out denoising loss (BLEU means nothing there)."""
 import logging
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from model.loss import padded, token_loss_sum
+from model.packed_text import EVAL_STREAM, leading_chunks
 from model.parquet import first_usable_rows
+from model.span_corruption import SpanCorruption, sentinel_ids
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -17,10 +21,17 @@ EXAMPLES_LOGGED = 3
 
 @dataclass
 class EvalResult:
-    bleu4: float
+    bleu4: float | None  # None for span corruption
     eval_loss: float
     samples: int
     examples: list  # (prompt, reference, generation) triples
+
+
+def build_evaluator(cfg, accelerator, tokenizer):
+    if cfg.objective == "span_corruption":
+        return DenoisingEvaluator(accelerator, tokenizer, cfg)
+    return Evaluator(accelerator, tokenizer, cfg.validation_file, cfg.eval_max_samples, cfg.eval_batch_size,
+                     cfg.max_seq_len)
 
 
 class Evaluator:
@@ -81,3 +92,44 @@ class Evaluator:
         score = bleu4([t[2] for t in triples], [t[1] for t in triples])
         eval_loss = (totals[0] / totals[1].clamp(min=1)).item()
         return EvalResult(score, eval_loss, len(triples), triples[:EXAMPLES_LOGGED])
+
+
+class DenoisingEvaluator:
+    """The denoising loss on the first `eval_max_samples` chunks of the validation file's documents, packed and
+    corrupted as training does it, with masks of their own seeds: the same chunks and spans at every evaluation, so
+    the losses of a run compare. Rank r scores chunks r, r+W, ...; the token-weighted mean is taken over all."""
+
+    def __init__(self, accelerator, tokenizer, cfg):
+        self.accelerator, self.batch_size, self.pad_id = accelerator, cfg.eval_batch_size, tokenizer.pad_token_id
+        corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+        length = corruption.chunk_length(cfg.max_seq_len)
+        chunks = leading_chunks(cfg.validation_file, cfg.text_column, tokenizer, length, cfg.eval_max_samples) \
+            if cfg.eval_max_samples else []
+        self.total = len(chunks)
+        sentinels = sentinel_ids(tokenizer, corruption.spans(length), cfg.max_seq_len) if chunks else None
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.pairs = [corruption.corrupt(chunks[i], np.random.default_rng([cfg.seed, EVAL_STREAM, i]), sentinels,
+                                         tokenizer.eos_token_id) for i in range(rank, len(chunks), world)]
+
+    @torch.no_grad()
+    def evaluate(self, model, progress: bool = False) -> EvalResult:
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        device = self.accelerator.device
+        loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        with self.accelerator.autocast():
+            for start in range(0, len(self.pairs), self.batch_size):
+                batch = self.pairs[start:start + self.batch_size]
+                input_ids = padded([inputs.tolist() for inputs, _ in batch], self.pad_id).to(device)
+                labels = padded([targets.tolist() for _, targets in batch], -100).to(device)
+                batch_loss, batch_tokens = token_loss_sum(unwrapped, input_ids, (input_ids != self.pad_id).long(),
+                                                          labels)
+                loss_sum += batch_loss
+                tokens += batch_tokens
+        unwrapped.train(was_training)
+        totals = self.accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
+        return EvalResult(None, (totals[0] / totals[1].clamp(min=1)).item(), self.total, [])
+
+
+AnyEvaluator = Evaluator | DenoisingEvaluator

@@ -7,37 +7,48 @@ from torch.utils.data import DataLoader
 
 from config import split_paths
 from model.dataset import LowMemParquetDataset, StepBatch, global_batch_size, steps_per_epoch
+from model.packed_text import PackedTextDataset, counts_dir_of
 from training.signals import ignore_stop_signals
 
 
 class DataFeed:
-    """Builds the dataset for the batch settings in force (they change after out-of-memory recovery)."""
+    """Builds the dataset of the objective for the batch settings in force (they change after out-of-memory
+    recovery). A sample is a row (seq2seq) or a chunk of packed text (span_corruption)."""
 
     def __init__(self, cfg, tokenizer, runtime, rank: int, world_size: int):
         self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
         self.rank, self.world_size = rank, world_size
-        self.num_rows = self.dataset(batch_size=1, accumulation=1).num_rows
+        # The first build of a packed dataset counts the corpus's tokens on the main process (the others wait).
+        first = self.dataset(batch_size=1, accumulation=1)
+        self.num_samples = first.num_samples
+        self.sample_name = first.sample_name
+        self.description = describe_data(first)
 
-    def dataset(self, batch_size: int, accumulation: int) -> LowMemParquetDataset:
+    def dataset(self, batch_size: int, accumulation: int):
         cfg = self.cfg
-        return LowMemParquetDataset(
-            split_paths(cfg.train_file), self.tokenizer, max_seq_len=cfg.max_seq_len, batch_size=batch_size,
-            buffer_size=cfg.dataloader_buffer_size, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
-            ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation, yield_steps=True,
-            pad_to_multiple_of=8 if cfg.compile else 1)
+        common = dict(max_seq_len=cfg.max_seq_len, batch_size=batch_size, buffer_size=cfg.dataloader_buffer_size,
+                      seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                      ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation,
+                      yield_steps=True, pad_to_multiple_of=8 if cfg.compile else 1)
+        if cfg.objective == "span_corruption":
+            return PackedTextDataset(split_paths(cfg.train_file), self.tokenizer, text_column=cfg.text_column,
+                                     noise_density=cfg.noise_density,
+                                     mean_noise_span_length=cfg.mean_noise_span_length,
+                                     counts_dir=counts_dir_of(cfg.output_dir), count_missing=self.rank == 0, **common)
+        return LowMemParquetDataset(split_paths(cfg.train_file), self.tokenizer, **common)
 
     def global_batch_size(self, state) -> int:
         return global_batch_size(state.batch_size_per_gpu, self.world_size, state.gradient_accumulation_steps)
 
     def steps_per_epoch(self, state) -> int:
-        return steps_per_epoch(self.num_rows, self.global_batch_size(state))
+        return steps_per_epoch(self.num_samples, self.global_batch_size(state))
 
     def total_steps(self, state, epochs: int) -> int:
         """Steps of the whole run: those done plus those left at the global batch in force (after a resume on
         another number of processes, the remaining rows are cut into steps of the new size)."""
         if state.epoch >= epochs:
             return state.global_step
-        this_epoch = steps_per_epoch(self.num_rows - state.epoch_sample, self.global_batch_size(state))
+        this_epoch = steps_per_epoch(self.num_samples - state.epoch_sample, self.global_batch_size(state))
         return state.global_step + this_epoch + (epochs - state.epoch - 1) * self.steps_per_epoch(state)
 
     def epoch_steps(self, state):
@@ -46,7 +57,7 @@ class DataFeed:
         A new epoch takes the current global batch size as its layout (the order of its rows); a begun epoch
         keeps the layout it started with, so a resume on another number of processes sees the same rows.
         """
-        if state.epoch_sample >= self.num_rows:
+        if state.epoch_sample >= self.num_samples:
             return  # the state was saved after the epoch's last step: nothing of it is left
         if state.epoch_sample == 0:
             state.layout_size = self.global_batch_size(state)
@@ -63,6 +74,15 @@ class DataFeed:
         step: StepBatch
         for step in steps:
             yield step
+
+
+def describe_data(dataset) -> str:
+    if isinstance(dataset, PackedTextDataset):
+        corruption = dataset.corruption
+        return (f"{dataset.num_rows} documents, {dataset.num_tokens} tokens packed into {dataset.num_samples} chunks "
+                f"of {dataset.chunk_length} (inputs of {corruption.input_length(dataset.chunk_length)} tokens, "
+                f"targets of {corruption.target_length(dataset.chunk_length)})")
+    return f"{dataset.num_rows} rows"
 
 
 _END = object()

@@ -7,7 +7,7 @@ from config import with_resolved_paths
 from training.checkpoint import FINAL_DIR, save_hf_model
 from training.init_from import starting_settings
 from training.memory import freeze_startup_objects
-from training.preflight import check_before_training
+from training.preflight import check_before_training, schedule_warnings
 from training.recovery import guard_against_divergence, shrink_micro_batch
 from training.reporting import Reporter
 from training.run import Run, build_run
@@ -24,9 +24,9 @@ def run_training(cfg, model_cfg, given=frozenset()) -> None:
     processes, runtime = start_processes(cfg)
     cfg, model_cfg = starting_settings(cfg, model_cfg, given, processes)
     # Every user mistake, before anything is built or written.
-    warnings = check_before_training(cfg, model_cfg, processes.num_processes)
+    check_before_training(cfg, model_cfg)
     run = build_run(cfg, model_cfg, build_accelerator(cfg, runtime), runtime)
-    for warning in warnings:
+    for warning in schedule_warnings(cfg, run.state.schedule_total_steps):
         log.warning(warning)
     agreed_ending = False
     try:
@@ -81,11 +81,11 @@ def fit(run: Run) -> None:
             state.milestone_due = state.milestone_due or run.checkpointer.due(state.global_step)
             if state.milestone_due and outcome.finite:
                 evaluate(run)
-                if state.epoch_sample < run.feed.num_rows:  # at an epoch's last step, the epoch's end saves once
+                if state.epoch_sample < run.feed.num_samples:  # at an epoch's last step, the epoch's end saves once
                     save_state(run)
             if outcome.stop_requested:
                 return finish(run, reporter, "stopped by a signal", "; resume with --is_keep_training=True")
-            if reached_max_steps(run) and state.epoch_sample < run.feed.num_rows:
+            if reached_max_steps(run) and state.epoch_sample < run.feed.num_samples:
                 break  # (at the epoch's last step the loop runs out by itself, and the epoch's end still happens)
         else:
             end_of_epoch(run)
@@ -103,21 +103,26 @@ def evaluate(run: Run) -> None:
     if run.evaluator.total:
         started = time.time()
         result = run.evaluator.evaluate(run.model)
-        run.metrics.write("eval", step=state.global_step, epoch=state.epoch, bleu4=result.bleu4,
-                          eval_loss=result.eval_loss, samples=state.samples_seen)
-        log.info("eval at step %d (epoch %d): bleu4 %.4f, eval loss %.4f on %d rows in %.1fs", state.global_step,
-                 state.epoch, result.bleu4, result.eval_loss, result.samples, time.time() - started)
+        bleu = {} if result.bleu4 is None else {"bleu4": result.bleu4}  # span corruption: no BLEU
+        run.metrics.write("eval", step=state.global_step, epoch=state.epoch, **bleu, eval_loss=result.eval_loss,
+                          samples=state.samples_seen)
+        log.info("eval at step %d (epoch %d): %seval loss %.4f on %d %s in %.1fs", state.global_step, state.epoch,
+                 "".join(f"bleu4 {value:.4f}, " for value in bleu.values()), result.eval_loss, result.samples,
+                 run.feed.sample_name, time.time() - started)
         for prompt, reference, generation in result.examples:
             log.info("example | prompt: %s | reference: %s | generated: %s", prompt[:80], reference[:80],
                      generation[:80])
-        if run.best.keep and run.best.consider(run.model, state, result.bleu4):
-            log.info("step %d entered the best %d (bleu4 %.4f)", state.global_step, run.best.keep, result.bleu4)
+        score = result.eval_loss if run.best.metric == "eval_loss" else result.bleu4
+        if run.best.keep and run.best.consider(run.model, state, score):
+            log.info("step %d entered the best %d (%s %.4f)", state.global_step, run.best.keep, run.best.metric,
+                     score)
 
 
 def end_of_epoch(run: Run) -> None:
     state = run.state
-    log.info("epoch %d done at step %d (%d rows with an empty prompt or response skipped so far)", state.epoch,
-             state.global_step, state.skipped_rows)
+    skipped = f" ({state.skipped_rows} rows with an empty prompt or response skipped so far)" \
+        if run.cfg.objective == "seq2seq" else ""  # (packing skips empty documents: they hold no token)
+    log.info("epoch %d done at step %d%s", state.epoch, state.global_step, skipped)
     if state.milestone_step != state.global_step:
         evaluate(run)
     state.epoch += 1

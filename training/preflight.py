@@ -9,8 +9,8 @@ import os
 import shutil
 
 from config import split_paths
-from model.dataset import global_batch_size, steps_per_epoch
-from model.parquet import expand_paths, read_footer
+from model.parquet import TEXT_COLUMNS, expand_paths, read_footer
+from model.span_corruption import SENTINEL_COUNT, SpanCorruption, sentinel_ids
 from model.t5 import estimate_parameters
 from training.checkpoint import complete_states
 from training.optim import RECIPES
@@ -23,7 +23,12 @@ SAVED_BYTES_PER_PARAMETER = {"relative": 4 * 3, "adamw": 4 * 3 + 8}
 log = logging.getLogger("trainer")
 
 
-def file_rows(flag: str, files: str, problems: list) -> int:
+def text_columns(cfg) -> tuple:
+    """The columns the objective reads: prompt and response, or the documents' column."""
+    return (cfg.text_column,) if cfg.objective == "span_corruption" else TEXT_COLUMNS
+
+
+def file_rows(flag: str, files: str, problems: list, columns=TEXT_COLUMNS) -> int:
     """Rows in the files of one flag; each bad file adds a problem naming the flag and the file."""
     rows = 0
     try:
@@ -33,7 +38,7 @@ def file_rows(flag: str, files: str, problems: list) -> int:
         return 0
     for path in paths:
         try:
-            rows += read_footer(path).num_rows
+            rows += read_footer(path, columns).num_rows
         except UserError as error:
             problems.append(f"--{flag}: {error}")
     return rows
@@ -54,14 +59,24 @@ def check_trackers(report_to: str, problems: list) -> None:
 
 
 def check_tokenizer(cfg, problems: list) -> int | None:
-    """The tokenizer's size when `tokenizer_dir` holds one; a directory with something else is a problem."""
+    """The tokenizer's size when `tokenizer_dir` holds one; a directory with something else is a problem, and so
+    is, for span corruption, a tokenizer without enough sentinel tokens (a new one gets 100)."""
     from model.tokenizer import has_tokenizer, load_tokenizer
 
+    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    spans = corruption.spans(corruption.chunk_length(cfg.max_seq_len))
     if has_tokenizer(cfg.tokenizer_dir):
         try:
-            return len(load_tokenizer(cfg.tokenizer_dir))
+            tokenizer = load_tokenizer(cfg.tokenizer_dir)
+            if cfg.objective == "span_corruption":
+                sentinel_ids(tokenizer, spans, cfg.max_seq_len)
+            return len(tokenizer)
         except UserError as error:
             problems.append(f"--tokenizer_dir: {error}")
+    elif cfg.objective == "span_corruption" and spans > SENTINEL_COUNT:
+        problems.append(f"--max_seq_len={cfg.max_seq_len}: a chunk would have {spans} noise spans, more than the "
+                        f"{SENTINEL_COUNT} sentinel tokens a tokenizer gets: lower it or --noise_density, or raise "
+                        "--mean_noise_span_length")
     elif os.path.exists(cfg.tokenizer_dir) and not os.path.isdir(cfg.tokenizer_dir):
         problems.append(f"--tokenizer_dir={cfg.tokenizer_dir}: is a file, not a directory")
     return None
@@ -90,15 +105,19 @@ def check_output_dir(cfg, needed_bytes: int, problems: list) -> None:
                         "--is_keep_training=True, or choose another --output_dir (nothing was deleted)")
 
 
-def check_before_training(cfg, model_cfg, num_processes: int) -> list[str]:
-    """Raise UserErrors listing every problem; return warnings for settings that work but look wrong."""
-    problems, warnings = [], []
-    train_rows = file_rows("train_file", cfg.train_file, problems)
+def check_before_training(cfg, model_cfg) -> None:
+    """Raise UserErrors listing every problem."""
+    problems = []
+    file_rows("train_file", cfg.train_file, problems, text_columns(cfg))
     known_problems = len(problems)
-    valid_rows = file_rows("validation_file", cfg.validation_file, problems) if cfg.eval_max_samples else 0
-    needed_eval_rows = min(cfg.eval_max_samples, cfg.eval_batch_size)
+    valid_rows = file_rows("validation_file", cfg.validation_file, problems, text_columns(cfg)) \
+        if cfg.eval_max_samples else 0
+    # (A span corruption evaluation packs its rows into chunks: any row with text is enough.)
+    needed_eval_rows = 1 if cfg.objective == "span_corruption" else min(cfg.eval_max_samples, cfg.eval_batch_size)
     if cfg.eval_max_samples and len(problems) == known_problems and valid_rows < needed_eval_rows:
-        problems.append(f"--validation_file={cfg.validation_file}: {valid_rows} rows, fewer than one evaluation "
+        problems.append(f"--validation_file={cfg.validation_file}: no rows to evaluate on"
+                        if cfg.objective == "span_corruption" else
+                        f"--validation_file={cfg.validation_file}: {valid_rows} rows, fewer than one evaluation "
                         f"batch ({needed_eval_rows} = min(--eval_max_samples, --eval_batch_size))")
     if cfg.eval_max_samples == 0 and cfg.keep_latest_n_ckp > 0:
         problems.append("--eval_max_samples=0 turns evaluation off, so no best model can be chosen: set "
@@ -111,8 +130,12 @@ def check_before_training(cfg, model_cfg, num_processes: int) -> list[str]:
         problems.append("--num_heads x --d_kv must be at least 8")
     if problems:
         raise UserErrors(problems)
-    global_batch = global_batch_size(cfg.batch_size_per_gpu, num_processes, cfg.gradient_accumulation_steps)
-    total_steps = cfg.epochs * steps_per_epoch(train_rows, global_batch)
+
+
+def schedule_warnings(cfg, total_steps: int) -> list[str]:
+    """Settings that work but look wrong, once the run's length is known (packed text: after its tokens are
+    counted)."""
+    warnings = []
     if cfg.warmup_steps >= total_steps:
         warnings.append(f"--warmup_steps={cfg.warmup_steps} is not below the run's {total_steps} steps: the "
                         "learning rate never reaches --learn_rate")

@@ -15,6 +15,7 @@ from utils.distributed import decided_by_main
 from utils.errors import UserError, UserErrors
 
 log = logging.getLogger("trainer")
+OBJECTIVE_SETTINGS = ("objective", "text_column", "noise_density", "mean_noise_span_length")
 
 
 def describe_run(cfg, model_cfg, tokenizer) -> dict:
@@ -67,6 +68,14 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
                             f"--tokenizer_dir=<a copy of it>, e.g. {os.path.join(cfg.output_dir, 'final')}")
     if "freeze" not in given:  # the optimizer's state holds the tensors that trained: the same must train on
         cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
+    # What the run learns, and from which column, goes on as saved; another objective has other samples (rows,
+    # chunks) at another position, and ranks its best models by another metric.
+    cfg = dataclasses.replace(cfg, **{name: saved["train"][name] for name in OBJECTIVE_SETTINGS
+                                      if name not in given and name in saved["train"]})
+    saved_objective = saved["train"].get("objective", "seq2seq")
+    if cfg.objective != saved_objective:
+        raise UserError(f"cannot resume, the saved state is incompatible: --objective: the saved run has "
+                        f"{saved_objective!r}, this one {cfg.objective!r}")
     return cfg, model_cfg
 
 

@@ -18,7 +18,7 @@ from model.t5 import FROZEN_MODULES, build_model, count_parameters, freeze, load
 from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from training.best_models import BestModels
 from training.checkpoint import Checkpointer
-from training.evaluation import Evaluator
+from training.evaluation import AnyEvaluator, build_evaluator
 from training.feed import DataFeed
 from training.init_from import resolved_freeze
 from training.memory import MemoryHygiene
@@ -48,7 +48,7 @@ class Run:
     stepper: StepRunner
     checkpointer: Checkpointer
     best: BestModels
-    evaluator: Evaluator
+    evaluator: AnyEvaluator
     metrics: MetricsLog
     memory: MemoryHygiene
     signals: StopSignals
@@ -60,7 +60,8 @@ def ensure_tokenizer(cfg, accelerator):
         log.info("no tokenizer in %s: training a %d-token one on %s (up to %d rows)", cfg.tokenizer_dir,
                  cfg.vocab_size, cfg.train_file, cfg.tokenizer_train_rows)
         train_tokenizer(split_paths(cfg.train_file), cfg.tokenizer_dir, vocab_size=cfg.vocab_size,
-                        max_rows=cfg.tokenizer_train_rows or None, seed=cfg.seed)
+                        max_rows=cfg.tokenizer_train_rows or None, seed=cfg.seed,
+                        text_column=cfg.text_column if cfg.objective == "span_corruption" else None)
     accelerator.wait_for_everyone()
     return load_tokenizer(cfg.tokenizer_dir)
 
@@ -158,9 +159,9 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
               stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, cfg.compile),
               checkpointer=Checkpointer(accelerator, cfg.output_dir, cfg.save_steps,
                                         describe_run(cfg, model_cfg, tokenizer)),
-              best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer),
-              evaluator=Evaluator(accelerator, tokenizer, cfg.validation_file, cfg.eval_max_samples,
-                                  cfg.eval_batch_size, cfg.max_seq_len),
+              best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer,
+                              "eval_loss" if cfg.objective == "span_corruption" else "bleu4"),
+              evaluator=build_evaluator(cfg, accelerator, tokenizer),
               metrics=metrics, memory=MemoryHygiene(cfg.memory_cleanup_steps, cfg.memory_log_steps, metrics),
               signals=StopSignals())
     if cfg.is_keep_training:
@@ -170,6 +171,6 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
     if tracker_names(cfg.report_to):
         accelerator.init_trackers("t5_pretrain",
                                   config={k: str(v) for k, v in run.checkpointer.run_description["train"].items()})
-    log.info("data: %d rows, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.num_rows,
+    log.info("data: %s, %d steps per epoch, %d steps in %d epochs, global batch %d", feed.description,
              feed.steps_per_epoch(state), state.schedule_total_steps, cfg.epochs, feed.global_batch_size(state))
     return run

@@ -38,7 +38,7 @@ class TrainingState:
     milestone_step: int = -1
     """Step of the last evaluation and save, so an epoch ending right after one does not repeat it."""
     best: list = field(default_factory=list)
-    """Best models, best first: dicts with path, bleu4, epoch, step."""
+    """Best models, best first: dicts with path, epoch, step and the ranking metric (bleu4, or eval_loss)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,157 @@
+"""Raw text → packed, span-corrupted T5 batches (`--objective=span_corruption`), with the pair pipeline's
+guarantees: bounded memory, exact resume from one number, rank-independent optimizer steps.
+
+The epoch's documents come in `WindowedStream`'s order (row groups permuted per epoch, windows of `buffer_size`
+rows); inside a window they are shuffled by (seed, epoch, window). Their tokens, each document ending in [EOS], form
+one stream per epoch, cut into chunks of `chunk_length` tokens, the length whose corrupted input is `max_seq_len`
+tokens: no token is padding, and only the epoch's last chunk may be short. A sample is a chunk. Chunk c of epoch
+e is masked with a generator seeded by (seed, e, c), so any process masks it the same, at any time.
+
+Where window w starts in the token stream follows from the per-document token counts (`model.token_counts`), so
+a resumed run finds its chunk without tokenizing what comes before it.
+"""
+import math
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from model.dataset import shared_encoder
+from model.span_corruption import SpanCorruption, sentinel_ids
+from model.token_counts import RunningTotals, ensure_counts
+from model.windows import LABEL_PAD, MicroBatch, Ragged, WindowedStream
+from utils.errors import UnreadableData, UserError
+
+# Where a dataset built outside the trainer keeps its counts (the trainer keeps them in its output_dir).
+DEFAULT_COUNTS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "t5-lowmem", "token_counts")
+# Masks of evaluation chunks come from their own stream of seeds, never one a training epoch uses.
+EVAL_STREAM = 2**31
+
+
+class PackedTextDataset(WindowedStream):
+    """Yields this rank's span-corrupted micro-batches of packed documents (as dicts, or with `yield_steps=True`
+    one `StepBatch` per optimizer step). `counts_dir` keeps the token counts (counted on first use)."""
+
+    sample_name = "chunks"
+
+    def __init__(self, files, tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000, seed=0, rank=0,
+                 world_size=1, ultra_low_mem=True, gradient_accumulation_steps=1, yield_steps=False,
+                 pad_to_multiple_of=1, text_column="text", noise_density=0.15, mean_noise_span_length=3.0,
+                 counts_dir=DEFAULT_COUNTS_DIR, count_missing=True):
+        super().__init__(files, (text_column,), batch_size, buffer_size, seed, rank, world_size, ultra_low_mem,
+                         gradient_accumulation_steps, yield_steps, pad_to_multiple_of)
+        self.corruption = SpanCorruption(noise_density, mean_noise_span_length)
+        self.max_seq_len = int(max_seq_len)
+        self.chunk_length = self.corruption.chunk_length(self.max_seq_len)
+        self._sentinels = sentinel_ids(tokenizer, self.corruption.spans(self.chunk_length), self.max_seq_len)
+        self._encoder = shared_encoder(tokenizer, None)
+        self._pad_id, self._eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text_column, self._encoder,
+                                                                       counts_dir, count_missing)]
+        first, end = self._rg_first_row, self._rg_first_row + self._rg_rows
+        self._rg_tokens = np.array([self._tokens_in(g, int(a), int(b)) for g, (a, b) in enumerate(zip(first, end))],
+                                   dtype=np.int64)
+        self.num_tokens = int(self._rg_tokens.sum())
+        if self.num_tokens == 0:
+            raise UserError(f"{', '.join(self._paths)}: no text in column '{text_column}' (every value null or empty)")
+        self.num_samples = math.ceil(self.num_tokens / self.chunk_length)
+        self._starts_cache = None
+
+    def _tokens_in(self, global_rg: int, first_row: int, end_row: int) -> int:
+        """Tokens of rows [first_row, end_row) of the row group's file."""
+        totals = self._totals[self._rg_file[global_rg]]
+        if len(totals) != self._file_rows[self._rg_file[global_rg]] + 1:
+            raise UserError(f"{totals.file}: token counts of another file; delete it to count again")
+        before = totals.before([first_row, end_row])
+        return int(before[1] - before[0])
+
+    def window_starts(self, epoch: int) -> np.ndarray:
+        """Where each window of the epoch starts in its token stream (and, last, the stream's length)."""
+        if self._starts_cache is None or self._starts_cache[0] != epoch:
+            order, ends = self._epoch_order(epoch)
+            before_rg = np.r_[0, np.cumsum(self._rg_tokens[order])]
+            starts = []
+            for row in np.minimum(np.arange(self.num_windows + 1) * self.buffer_size, self.num_rows):
+                k = int(np.searchsorted(ends, row, side="right"))
+                if k == len(order):
+                    starts.append(int(before_rg[-1]))
+                    continue
+                g, offset = int(order[k]), int(row - (ends[k] - self._rg_rows[order[k]]))
+                first = int(self._rg_first_row[g])
+                starts.append(int(before_rg[k]) + self._tokens_in(g, first, first + offset))
+            self._starts_cache = (epoch, np.array(starts, dtype=np.int64))
+        return self._starts_cache[1]
+
+    def _window(self, epoch: int, window: int, layout_size: int) -> np.ndarray:
+        """The window's documents, shuffled, as one token stream (each document ends in [EOS])."""
+        texts = pc.fill_null(self._read_window_rows(epoch, window)[self.columns[0]], "")
+        texts = texts.filter(pc.greater(pc.utf8_length(texts), 0))
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(texts))
+        documents = [encoding.ids for encoding in self._encoder.encode_batch_fast(texts.take(order).to_pylist())]
+        tokens = Ragged.from_lists(documents).flat
+        starts = self.window_starts(epoch)
+        if len(tokens) != starts[window + 1] - starts[window]:
+            raise UnreadableData(f"{', '.join(self._paths)}: window {window} of epoch {epoch} holds {len(tokens)} "
+                                 f"tokens, its counts say {starts[window + 1] - starts[window]} (a file changed "
+                                 "since its tokens were counted?)")
+        return tokens
+
+    def _step_samples(self, epoch: int, lo: int, hi: int, layout_size: int, windows: dict, reader) -> np.ndarray:
+        """The tokens of chunks [lo, hi) of the epoch, from the windows they lie in."""
+        starts = self.window_starts(epoch)
+        first_token, end_token = lo * self.chunk_length, min(hi * self.chunk_length, self.num_tokens)
+        first = int(np.searchsorted(starts, first_token, side="right")) - 1
+        last = int(np.searchsorted(starts, end_token - 1, side="right")) - 1
+        needed = range(first, last + 1)
+        pieces = [tokens[max(first_token - starts[w], 0): min(end_token, starts[w + 1]) - starts[w]]
+                  for w, tokens in zip(needed, self._windows(epoch, needed, layout_size, windows, reader))]
+        return np.concatenate(pieces)
+
+    def _build_step(self, tokens: np.ndarray, epoch: int, lo: int, micro_steps):
+        length = self.chunk_length
+        chunks = np.arange(-(-len(tokens) // length))
+        slices = np.array_split(chunks, self.world_size * self.gradient_accumulation_steps)
+        batches = [self._micro_batch(tokens, epoch, lo, slices[self._slot_of(m)]) for m in micro_steps]
+        last = len(tokens) - (len(chunks) - 1) * length
+        step_tokens = (len(chunks) - 1) * self.corruption.target_length(length) + self.corruption.target_length(last)
+        return batches, step_tokens, 0
+
+    def _micro_batch(self, tokens: np.ndarray, epoch: int, lo: int, chunks: np.ndarray) -> MicroBatch:
+        if len(chunks) == 0:
+            return MicroBatch.placeholder(self._eos_id)
+        pairs = [self.corrupt(tokens[c * self.chunk_length:(c + 1) * self.chunk_length], epoch, lo + int(c))
+                 for c in chunks]
+        input_ids, attention = Ragged.from_lists([inputs for inputs, _ in pairs]).padded(self._pad_id,
+                                                                                        self.pad_to_multiple_of)
+        labels, _ = Ragged.from_lists([targets for _, targets in pairs]).padded(LABEL_PAD, self.pad_to_multiple_of)
+        return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)),
+                          torch.from_numpy(labels))
+
+    def corrupt(self, chunk: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Input and target of chunk `index` of `epoch`: the same spans whenever and wherever it is built."""
+        return self.corruption.corrupt(chunk, np.random.default_rng([self.seed, epoch, index]), self._sentinels,
+                                       self._eos_id)
+
+
+def leading_chunks(path: str, column: str, tokenizer, chunk_length: int, max_chunks: int) -> list[np.ndarray]:
+    """The first `max_chunks` chunks of a file's documents packed in file order (evaluation's fixed sample)."""
+    from model.parquet import open_parquet, read_batches, read_footer
+
+    read_footer(path, (column,))
+    encoder = shared_encoder(tokenizer, None)
+    pieces, held = [], 0
+    for batch in read_batches(open_parquet(path), path, [column]):
+        texts = pc.fill_null(batch.column(0), "")
+        texts = texts.filter(pc.greater(pc.utf8_length(texts), 0)).to_pylist()
+        for encoding in encoder.encode_batch_fast(texts) if texts else []:
+            pieces.append(np.asarray(encoding.ids, dtype=np.int32))
+            held += len(encoding.ids)
+        if held >= max_chunks * chunk_length:
+            break
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return [tokens[start:start + chunk_length] for start in range(0, len(tokens), chunk_length)][:max_chunks]
+
+
+def counts_dir_of(output_dir: str) -> str:
+    return os.path.join(output_dir, "token_counts")

@@ -1,0 +1,95 @@
+"""How many tokens each document of a text column has: counted once per file and tokenizer, kept on disk.
+
+A packed epoch is cut into chunks of a fixed number of tokens, so its number of steps, and where each window of
+documents starts in it, depend on every document's token count, which no footer holds. One pass counts them (as
+fast as the tokenizer, on all cores, in bounded memory) and writes, per file, the running total before each row:
+8 bytes per row. The dataset then reads only the entries at row-group and window boundaries (memory-mapped), so
+its memory stays flat whatever the corpus size, and every later run or resume on the same file and tokenizer
+reuses the counts. A changed file (size or modification time) or another tokenizer gets new counts.
+"""
+import hashlib
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from model.parquet import open_parquet, read_batches
+from utils.atomic import TMP_PREFIX
+
+log = logging.getLogger("trainer")
+WAIT_SECONDS = 1.0
+
+
+def counts_path(counts_dir: str, path: str, column: str, encoder) -> str:
+    """Where the counts of `path`'s `column` under `encoder` live: a name that changes with any of them."""
+    stat = os.stat(path)
+    identity = "|".join((os.path.realpath(path), str(stat.st_size), str(stat.st_mtime_ns), column,
+                         hashlib.sha256(encoder.to_str().encode()).hexdigest()))
+    return os.path.join(counts_dir, hashlib.sha256(identity.encode()).hexdigest()[:24] + ".int64")
+
+
+def document_lengths(encoder, texts) -> np.ndarray:
+    """Tokens of each text, [EOS] included; a null or empty text is no document (0)."""
+    texts = pc.fill_null(texts, "")
+    present = pc.greater(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    kept = texts.filter(pa.array(present)).to_pylist()
+    lengths[present] = [len(encoding) for encoding in encoder.encode_batch_fast(kept)] if kept else []
+    return lengths
+
+
+def count_tokens(path: str, column: str, encoder, destination: str) -> int:
+    """Write the running token totals of `path`'s rows to `destination` (entry i: tokens before row i; one more
+    entry than rows) and return the file's total. Written under a temporary name, then renamed: a count cut short
+    by a crash is never taken for a whole one."""
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    partial = os.path.join(os.path.dirname(destination), f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(destination)}")
+    total = 0
+    with open(partial, "wb") as out:
+        out.write(np.zeros(1, dtype=np.int64).tobytes())
+        for batch in read_batches(open_parquet(path), path, [column]):
+            running = total + np.cumsum(document_lengths(encoder, batch.column(0)))
+            out.write(running.astype(np.int64).tobytes())
+            total = int(running[-1]) if len(running) else total
+    os.replace(partial, destination)
+    return total
+
+
+def ensure_counts(paths: list, column: str, encoder, counts_dir: str, is_counter: bool = True) -> list[str]:
+    """The counts files of `paths`, counting those missing. Only the counter (the main process) counts; the other
+    processes wait for its files, so a corpus is tokenized once, not once per process."""
+    wanted = [counts_path(counts_dir, path, column, encoder) for path in paths]
+    missing = [(path, counts) for path, counts in zip(paths, wanted) if not os.path.exists(counts)]
+    if missing and is_counter:
+        for path, counts in missing:
+            started = time.time()
+            log.info("counting the tokens of every document of %s (once per file and tokenizer; packing needs "
+                     "them to cut the epoch into chunks) ...", path)
+            total = count_tokens(path, column, encoder, counts)
+            log.info("%s: %d tokens counted in %.1fs, kept in %s", path, total, time.time() - started, counts)
+    elif missing:
+        while not all(os.path.exists(counts) for _, counts in missing):
+            time.sleep(WAIT_SECONDS)
+    return wanted
+
+
+class RunningTotals:
+    """A counts file, memory-mapped: `before(i)` is the number of tokens in rows [0, i) of its parquet file."""
+
+    def __init__(self, counts_file: str):
+        self.file = counts_file
+        self._totals = None
+
+    def before(self, rows) -> np.ndarray:
+        if self._totals is None:
+            self._totals = np.memmap(self.file, dtype=np.int64, mode="r")
+        return np.asarray(self._totals[rows])
+
+    def __len__(self) -> int:
+        return os.path.getsize(self.file) // 8
+
+    def __getstate__(self):
+        return {"file": self.file, "_totals": None}  # a DataLoader worker maps the file itself

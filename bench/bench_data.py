@@ -7,7 +7,10 @@
 (c) padding efficiency of the length-grouped batches against random batches;
 (d) with --big: construction time, time to the first batch when resuming at sample 5,000,000, and peak RSS
     growth while iterating, in fresh subprocesses, on a 1M-row file (written next to a temporary tokenizer,
-    or --big_1m) and on the --big file.
+    or --big_1m) and on the --big file;
+(e) the packed span-corruption pipeline (PackedTextDataset) on the --file's rows as documents (prompt and
+    response on two lines): one-time token count, then rows/s and tokens/s of an epoch (reading, tokenizing,
+    packing, masking, padding) against the tokenizer alone on the same documents, and its padding efficiency.
 Timings alternate between the contenders and keep each one's best round, so load from other processes on a
 shared machine disturbs the ratios as little as possible.
 """
@@ -32,7 +35,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from make_big_parquet import make_big_parquet  # noqa: E402
 
-from model.dataset import LowMemParquetDataset  # noqa: E402
+from model.dataset import LowMemParquetDataset, shared_encoder  # noqa: E402
+from model.packed_text import PackedTextDataset  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "sample_train_3k.parquet"
@@ -127,6 +131,47 @@ def padding_efficiency(tokenizer, epochs: int = 3) -> None:
           f"length-grouped {real / padded:.3f}   random batches {random_real / random_padded:.3f}")
 
 
+def packed_throughput(path, scratch: Path, rounds: int) -> None:
+    import pyarrow as pa
+
+    table = pq.read_table(path, columns=["prompt", "response"])
+    documents = [f"{p}\n{r}" for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist())]
+    text_file = scratch / "documents.parquet"
+    pq.write_table(pa.table({"text": documents}), text_file, row_group_size=1000)
+    tokenizer = train_tokenizer([text_file], scratch / "text_tokenizer", vocab_size=8000, text_column="text")
+    encoder = shared_encoder(tokenizer, None)
+    settings = dict(SETTINGS, counts_dir=str(scratch / "counts"))
+    started = time.perf_counter()
+    PackedTextDataset(str(text_file), tokenizer, **settings)
+    counting = time.perf_counter() - started
+
+    def pipeline_epoch() -> tuple:
+        dataset = PackedTextDataset(str(text_file), tokenizer, **settings)
+        real = padded = 0
+        for batch in DataLoader(dataset, batch_size=None, num_workers=0):
+            real += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+            padded += batch["input_ids"].numel() + batch["labels"].numel()
+        return dataset.num_tokens, real, padded
+
+    contenders = {"packed pipeline (parquet -> corrupted, padded tensors)": pipeline_epoch,
+                  "backend encode_batch_fast, all documents in one call": lambda: encoder.encode_batch_fast(
+                      documents)}
+    best = {name: float("inf") for name in contenders}
+    for _ in range(rounds):
+        for name, function in contenders.items():
+            best[name] = min(best[name], best_time(function, 1))
+    tokens, real, padded = pipeline_epoch()
+    pipeline_rate = len(documents) / best["packed pipeline (parquet -> corrupted, padded tensors)"]
+    print(f"(e) span corruption on {path.name if hasattr(path, 'name') else path} as {len(documents):,} documents "
+          f"({tokens:,} tokens, chunks for max_seq_len {SETTINGS['max_seq_len']}; best of {rounds} rounds): token "
+          f"count once {counting:.2f} s")
+    for name, seconds in best.items():
+        rate = len(documents) / seconds
+        ratio = "" if name.startswith("packed") else f"   pipeline/this = {pipeline_rate / rate:.2f}"
+        print(f"    {name:<56} {rate:>9,.0f} rows/s {tokens / seconds:>11,.0f} tokens/s{ratio}")
+    print(f"    padding efficiency (real / padded tokens, inputs + targets): {real / padded:.4f}")
+
+
 def high_water_rss() -> int:
     """Peak resident memory of this process since exec or the last reset, in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -193,6 +238,7 @@ def main() -> None:
         tokenizer = train_tokenizer([SAMPLE], tokenizer_dir, vocab_size=8000)
         throughput(args.file, tokenizer, args.rounds)
         padding_efficiency(tokenizer)
+        packed_throughput(args.file, Path(scratch), args.rounds)
         if args.big:
             big_1m = args.big_1m
             if big_1m is None:

@@ -1,6 +1,11 @@
 """Peak memory of each training process on a 10M-row and a 1M-row parquet, and `plan` on the 10M file (CPU).
 
     python bench/bench_scale.py [--big /tmp/big_10m.parquet] [--small /tmp/big_1m.parquet] [--steps 300]
+    python bench/bench_scale.py --objective span_corruption      # raw text: one `text` column of documents
+
+With --objective span_corruption the files hold generated documents (make_big_parquet.py --text), the tokenizer
+is trained with --text_column=text (sentinels), and each run first counts the tokens of every document of its
+file (timed, in the same process: its peak includes the count).
 
 1. Files: make_big_parquet.py writes the 10M-row and the 1M-row file (5,000-row groups) unless they exist with
    that many rows.
@@ -26,6 +31,7 @@ file within about 10% of the 1M-row file.
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,12 +48,14 @@ GOAL_MB, FLAT_TOLERANCE = 1536, 0.10
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--big", default="/tmp/big_10m.parquet", help="10M-row parquet (written when absent)")
-    parser.add_argument("--small", default="/tmp/big_1m.parquet", help="1M-row parquet (written when absent)")
+    parser.add_argument("--objective", choices=("seq2seq", "span_corruption"), default="seq2seq")
+    parser.add_argument("--big", help="10M-row parquet, written when absent (default /tmp/big_10m.parquet, "
+                                      "/tmp/big_text_10m.parquet for span_corruption)")
+    parser.add_argument("--small", help="1M-row parquet, written when absent (defaults alike)")
     parser.add_argument("--big_rows", type=int, default=10_000_000)
     parser.add_argument("--small_rows", type=int, default=1_000_000)
-    parser.add_argument("--tokenizer_dir", default="/tmp/bench_scale_tokenizer_8000",
-                        help="tokenizer directory; trained (vocab 8000, on --big) when it holds none")
+    parser.add_argument("--tokenizer_dir", help="tokenizer directory; trained (vocab 8000, on --big) when it holds "
+                                                "none (default /tmp/bench_scale_tokenizer_8000, _text_8000 alike)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun ranks)")
     parser.add_argument("--steps", type=int, default=300, help="--max_steps of each training run")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -57,6 +65,10 @@ def parse_args():
     args = parser.parse_args()
     if bool(args.rss_wrapper) != bool(args.command):
         parser.error("--rss_wrapper DIR and a command go together (internal use)")
+    text = "_text" if args.objective == "span_corruption" else ""
+    args.big = args.big or f"/tmp/big{text}_10m.parquet"
+    args.small = args.small or f"/tmp/big{text}_1m.parquet"
+    args.tokenizer_dir = args.tokenizer_dir or f"/tmp/bench_scale_tokenizer{text}_8000"
     return args
 
 
@@ -117,14 +129,14 @@ def footer_rows(path: str) -> int:
     return pq.ParquetFile(path).metadata.num_rows if Path(path).is_file() else -1
 
 
-def ensure_file(path: str, rows: int) -> None:
+def ensure_file(path: str, rows: int, text: bool) -> None:
     from make_big_parquet import make_big_parquet
 
     if footer_rows(path) == rows:
         print(f"reusing {path} ({rows:,} rows)")
         return
     started = time.perf_counter()
-    make_big_parquet(path, rows)
+    make_big_parquet(path, rows, text=text)
     print(f"wrote {path} ({rows:,} rows) in {time.perf_counter() - started:.0f} s")
 
 
@@ -137,8 +149,9 @@ def ensure_tokenizer(args, scratch: Path) -> None:
     if (Path(args.tokenizer_dir) / "tokenizer.json").is_file():
         print(f"reusing the tokenizer in {args.tokenizer_dir}")
         return
+    text = ["--text_column=text"] if args.objective == "span_corruption" else []
     result = measured(["train_tokenizer", f"--train_file={args.big}", f"--tokenizer_dir={args.tokenizer_dir}",
-                       "--vocab_size=8000"], 1, scratch, args.timeout)
+                       "--vocab_size=8000"] + text, 1, scratch, args.timeout)
     if result["returncode"]:
         sys.exit(describe_failure("train_tokenizer", result))
     print(f"train_tokenizer on {args.big}: {result['seconds']:.0f} s, peak RSS "
@@ -146,11 +159,10 @@ def ensure_tokenizer(args, scratch: Path) -> None:
 
 
 def plans(args, scratch: Path) -> None:
-    if not (REPO / "utils" / "plan.py").is_file():
-        print("plan: skipped, the plan command is not in this checkout yet (utils/plan.py is missing)")
-        return
-    for command in (["plan", f"--num_samples={args.big_rows}"],
-                    ["plan", f"--train_file={args.big}", "--json", "--probe=False"]):
+    settings = [f"--objective={args.objective}", f"--tokenizer_dir={args.tokenizer_dir}"]
+    # (Packed text has no --num_samples plan: its chunks depend on the documents' tokens.)
+    by_rows = [["plan", f"--num_samples={args.big_rows}"] + settings] if args.objective == "seq2seq" else []
+    for command in by_rows + [["plan", f"--train_file={args.big}", "--json", "--probe=False"] + settings]:
         result = measured(command, 1, scratch, args.timeout)
         peak = result["processes"][0]["peak_rss_mb"] if result["processes"] else float("nan")
         print(f"\n$ python train_low_mem.py {' '.join(command)}   ({result['seconds']:.1f} s, peak RSS {peak:.0f} MB, "
@@ -163,7 +175,7 @@ def training_flags(args, data: str, scratch: Path) -> tuple[list, Path]:
     flags = dict(use_large_config=True, train_file=data, tokenizer_dir=args.tokenizer_dir, output_dir=out / "out",
                  log_dir=out / "logs", batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
                  max_steps=args.steps, save_steps=10**6, logging_steps=max(1, args.steps // 6), eval_max_samples=0,
-                 keep_latest_n_ckp=0, ultra_low_mem=True, num_workers=0, **TINY_MODEL)
+                 keep_latest_n_ckp=0, ultra_low_mem=True, num_workers=0, objective=args.objective, **TINY_MODEL)
     return ["train"] + [f"--{name}={value}" for name, value in flags.items()], out / "out"
 
 
@@ -184,10 +196,14 @@ def training_runs(args, scratch: Path) -> None:
             print(describe_failure(f"training on {path}", result))
             continue
         peaks = [p["peak_rss_mb"] for p in result["processes"]]
+        counted = re.search(r"tokens counted in ([0-9.]+)s", result["stdout"])
+        if counted:
+            print(f"{path}: the token count before training took {float(counted.group(1)):.0f} s")
         rows.append(dict(path=path, rows=count, seconds=result["seconds"], peaks=peaks,
                          steps_s=steps_per_second(output_dir, args.batch_size * args.nproc),
                          wrapper=max(p["wrapper_peak_rss_mb"] for p in result["processes"])))
-    print(f"\ntraining: {args.nproc} processes (torchrun, gloo, 1 thread each), {args.steps} steps, batch "
+    print(f"\ntraining ({args.objective}): {args.nproc} processes (torchrun, gloo, 1 thread each), {args.steps} steps, "
+          f"batch "
           f"{args.batch_size}/process, large config (window 5,000 rows, max_seq_len 192), ultra_low_mem, "
           f"model {TINY_MODEL}")
     ranks = " ".join(f"{f'rank {r} MB':>10}" for r in range(args.nproc))
@@ -210,8 +226,8 @@ def main() -> None:
     if args.rss_wrapper:
         sys.exit(rss_wrapper(args.rss_wrapper, args.command))
     sys.path.insert(0, str(REPO / "bench"))
-    ensure_file(args.big, args.big_rows)
-    ensure_file(args.small, args.small_rows)
+    ensure_file(args.big, args.big_rows, args.objective == "span_corruption")
+    ensure_file(args.small, args.small_rows, args.objective == "span_corruption")
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as scratch:
         scratch = Path(scratch)
         ensure_tokenizer(args, scratch)

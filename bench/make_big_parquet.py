@@ -16,15 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sample_train_3k.parquet"
 COLUMNS = ["prompt", "response"]
 
 
-def make_big_parquet(out, rows: int, row_group_size: int = 5000, source=DEFAULT_SOURCE, seed: int = 0) -> None:
-    """Write `rows` rows drawn from `source` to `out`, `row_group_size` rows per row group."""
+def make_big_parquet(out, rows: int, row_group_size: int = 5000, source=DEFAULT_SOURCE, seed: int = 0,
+                     text: bool = False) -> None:
+    """Write `rows` rows drawn from `source` to `out`, `row_group_size` rows per row group. With `text`, each row
+    is one document in a `text` column (its prompt and response on two lines), for span corruption."""
     pool = pq.read_table(source, columns=COLUMNS).cast(pa.schema([(name, pa.string()) for name in COLUMNS]))
+    if text:
+        pool = pa.table({"text": pa.compute.binary_join_element_wise(pool["prompt"], pool["response"], "\n")})
     rng = np.random.default_rng(seed)
     # Written under a temporary name so an interrupted run never leaves a plausible-looking file behind.
     partial = f"{out}.partial"
@@ -42,11 +47,12 @@ def main() -> None:
     parser.add_argument("--row_group_size", type=int, default=5000)
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="parquet with prompt/response to sample")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text", action="store_true", help="one `text` column of documents (prompt + response)")
     args = parser.parse_args()
     if args.rows < 1 or args.row_group_size < 1:
         parser.error("--rows and --row_group_size must be positive")
     started = time.perf_counter()
-    make_big_parquet(args.out, args.rows, args.row_group_size, args.source, args.seed)
+    make_big_parquet(args.out, args.rows, args.row_group_size, args.source, args.seed, args.text)
     size_mb = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.rows:,} rows to {args.out} ({size_mb:,.0f} MB) in {time.perf_counter() - started:.1f} s")
 

@@ -5,6 +5,7 @@ Every train and model flag works here as in `train`. Rows come from the parquet 
 20 GiB). How each figure is worked out is said next to it in the table and in `commands.plan_memory`.
 """
 import json
+import os
 import shutil
 
 from config import PlanFlags, with_resolved_paths
@@ -27,12 +28,12 @@ MODEL_BYTES_PER_PARAMETER = 4
 
 
 def training_rows(cfg, num_samples: int) -> tuple[int, str]:
-    from training.preflight import file_rows
+    from training.preflight import file_rows, text_columns
 
     if num_samples:
         return num_samples, "--num_samples"
     problems = []
-    rows = file_rows("train_file", cfg.train_file, problems)
+    rows = file_rows("train_file", cfg.train_file, problems, text_columns(cfg))
     if not problems and rows == 0:
         problems.append(f"--train_file={cfg.train_file}: holds no rows")
     if problems:
@@ -41,31 +42,85 @@ def training_rows(cfg, num_samples: int) -> tuple[int, str]:
     return rows, "parquet footers of --train_file"
 
 
-def stored_row_bytes(train_file: str) -> float | None:
+def stored_row_bytes(cfg) -> float | None:
     """Uncompressed bytes per row from the parquet footers (about the size of the rows in Arrow), if readable."""
     from config import split_paths
     from model.parquet import expand_paths, read_footer
+    from training.preflight import text_columns
 
     try:
-        footers = [read_footer(path) for path in expand_paths(split_paths(train_file))]
+        footers = [read_footer(path, text_columns(cfg)) for path in expand_paths(split_paths(cfg.train_file))]
     except UserError:
         return None
     rows = sum(footer.num_rows for footer in footers)
     return sum(footer.uncompressed_bytes for footer in footers) / rows if rows else None
 
 
-def schedule(cfg, rows: int, num_processes: int) -> dict:
+SAMPLED_DOCUMENTS = 2000  # documents tokenized to estimate the tokens of a corpus whose counts are not kept yet
+
+
+def packing(cfg, rows: int, rows_source: str) -> dict | None:
+    """Span corruption: the chunks the documents pack into, exactly from the token counts a run keeps in
+    output_dir (same files and tokenizer), else estimated from the tokens of the first documents."""
+    if cfg.objective != "span_corruption":
+        return None
+    import math
+
+    from config import split_paths
+    from model.dataset import shared_encoder
+    from model.packed_text import counts_dir_of
+    from model.parquet import expand_paths, first_usable_rows
+    from model.span_corruption import SpanCorruption
+    from model.token_counts import RunningTotals, counts_path, document_lengths
+    from model.tokenizer import has_tokenizer, load_tokenizer
+
+    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    length = corruption.chunk_length(cfg.max_seq_len)
+    encoder = shared_encoder(load_tokenizer(cfg.tokenizer_dir), None) if has_tokenizer(cfg.tokenizer_dir) else None
+    paths = expand_paths(split_paths(cfg.train_file)) if rows_source != "--num_samples" else []
+    kept = [counts_path(counts_dir_of(cfg.output_dir), path, cfg.text_column, encoder) for path in paths] \
+        if encoder else []
+    if kept and all(map(os.path.exists, kept)):
+        tokens = sum(int(RunningTotals(path).before(-1)) for path in kept)
+        source = f"token counts kept in {counts_dir_of(cfg.output_dir)}"
+    else:
+        import pyarrow as pa
+
+        sample = first_usable_rows(paths[0], SAMPLED_DOCUMENTS, (cfg.text_column,))[0] if paths else []
+        if not sample:
+            raise UserError("--num_samples with --objective=span_corruption: the chunks depend on the documents' "
+                            "tokens; plan with a readable --train_file")
+        lengths = document_lengths(encoder, pa.array(sample)) if encoder else [len(text) + 1 for text in sample]
+        tokens = round(rows * sum(lengths) / len(sample))
+        source = (f"estimated from the first {len(sample):,} documents"
+                  + ("" if encoder else ", one token per character (no tokenizer yet)"))
+    return dict(chunks=max(1, math.ceil(tokens / length)), tokens=tokens, chunk_length=length,
+                input_length=corruption.input_length(length), target_length=corruption.target_length(length),
+                source=source)
+
+
+def target_length(cfg, seq_len: int) -> int | None:
+    """The decoder's tokens when they are not `seq_len`: span corruption's targets are about a quarter of it."""
+    if cfg.objective != "span_corruption":
+        return None
+    from model.span_corruption import SpanCorruption
+
+    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    return corruption.target_length(corruption.chunk_length(seq_len))
+
+
+def schedule(cfg, samples: int, num_processes: int) -> dict:
     """Optimizer steps and the events the trainer ties to them (see `training.loop.fit`)."""
     from model.dataset import global_batch_size, steps_per_epoch
 
     global_batch = global_batch_size(cfg.batch_size_per_gpu, num_processes, cfg.gradient_accumulation_steps)
-    per_epoch = steps_per_epoch(rows, global_batch)
+    per_epoch = steps_per_epoch(samples, global_batch)
     schedule_steps = cfg.epochs * per_epoch  # the learning-rate schedule's length; max_steps never changes it
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     # Evaluation and save at every save_steps, and at each epoch end unless one just happened at that step.
     epoch_ends = [e * per_epoch for e in range(1, cfg.epochs + 1) if e * per_epoch <= total]
     saves = total // cfg.save_steps + sum(1 for step in epoch_ends if step % cfg.save_steps)
-    return dict(rows=rows, num_processes=num_processes, global_batch_size=global_batch, steps_per_epoch=per_epoch,
+    return dict(num_processes=num_processes, global_batch_size=global_batch, steps_per_epoch=per_epoch,
                 epochs=cfg.epochs, schedule_steps=schedule_steps, total_steps=total, warmup_steps=cfg.warmup_steps,
                 saves=saves, evaluations=saves if cfg.eval_max_samples else 0,
                 logging_lines=total // cfg.logging_steps,
@@ -92,10 +147,12 @@ def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool
     if probe:
         try:
             probed = ProbedActivations(model_cfg, vocab, cfg.mixed_precision, frozen=cfg.freeze)
-            return probed.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "probe", analytic
+            return (probed.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len, target_length(cfg, cfg.max_seq_len)),
+                    "probe", analytic)
         except Exception as error:  # the probe relies on torch internals; a changed one must not cost the plan
             notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
-    return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len), "analytic", analytic
+    return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len, target_length(cfg, cfg.max_seq_len)), "analytic", \
+        analytic
 
 
 def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimizer_bytes: int, probe: bool,
@@ -109,8 +166,9 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimi
 
     def total_with(other_rows: int, other_seq: int) -> int:
         # What-ifs scale the measured activations by the analytic model's ratio: no further probe needed.
-        return total - activations + round(activations * analytic.bytes(other_rows, other_seq)
-                                           / analytic.bytes(rows, seq))
+        return total - activations + round(
+            activations * analytic.bytes(other_rows, other_seq, target_length(cfg, other_seq))
+            / analytic.bytes(rows, seq, target_length(cfg, seq)))
 
     suggestions = []
     if total > GPU_BUDGET_BYTES:
@@ -131,13 +189,14 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimi
     return dict(parts=parts, total=total, method=method, suggestions=suggestions)
 
 
-def host_ram_plan(cfg, parameters: int, row_bytes: float) -> dict:
+def host_ram_plan(cfg, parameters: int, row_bytes: float, tokens_per_row: float) -> dict:
     import psutil
     import torch
 
     from training.runtime import decide
 
-    window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * 2 * cfg.max_seq_len * TOKEN_ID_BYTES)
+    # The window being trained on and the one read ahead: text and token ids, once more while they are reordered.
+    window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * tokens_per_row * TOKEN_ID_BYTES)
     workers, ram = decide(cfg).num_workers, psutil.virtual_memory().total  # as the trainer decides on this machine
     parts = {
         "libraries": psutil.Process().memory_info().rss,
@@ -178,7 +237,8 @@ def gib(size: float) -> float:
 def json_report(plan: dict) -> dict:
     steps, gpu, host, disk = plan["steps"], plan["gpu"], plan["host"], plan["disk"]
     return {
-        **steps, "rows_source": plan["rows_source"], "parameters": plan["parameters"],
+        **steps, "rows": plan["rows"], "rows_source": plan["rows_source"], "objective": plan["cfg"].objective,
+        **({"packing": plan["packing"]} if plan["packing"] else {}), "parameters": plan["parameters"],
         "trainable_parameters": plan["trainable"], "vocab_size": plan["vocab"],
         "activation_method": gpu["method"], "activation_bytes": gpu["parts"]["activations"],
         "gpu_memory_gb_per_process": gib(gpu["total"]),
@@ -210,12 +270,16 @@ def human_report(plan: dict) -> str:
         lines.append(title)
         lines.extend(f"  {label:<24}{value:>14}  {note}".rstrip() for label, value, note in rows)
 
+    packed = plan["packing"]
     section("Schedule", [
-        ("rows", f"{steps['rows']:,}", plan["rows_source"]),
+        ("documents" if packed else "rows", f"{plan['rows']:,}", plan["rows_source"]),
+        *([("chunks", f"{packed['chunks']:,}",
+            f"{packed['tokens']:,} tokens in chunks of {packed['chunk_length']} ({packed['source']}); inputs of "
+            f"{packed['input_length']}, targets of {packed['target_length']} tokens")] if packed else []),
         ("global batch", f"{steps['global_batch_size']:,}",
          f"{cfg.batch_size_per_gpu} per GPU x {processes} process{'es' * (processes > 1)} x {accumulation} "
          "accumulation steps"),
-        ("steps per epoch", f"{steps['steps_per_epoch']:,}", "ceil(rows / global batch)"),
+        ("steps per epoch", f"{steps['steps_per_epoch']:,}", f"ceil({'chunks' if packed else 'rows'} / global batch)"),
         ("total steps", f"{steps['total_steps']:,}", f"{cfg.epochs} epochs"
          + (f", stopped by --max_steps (schedule: {steps['schedule_steps']:,})" if cfg.max_steps else "")),
         ("warmup steps", f"{cfg.warmup_steps:,}",
@@ -238,8 +302,9 @@ def human_report(plan: dict) -> str:
          f"--optimizer={cfg.optimizer}: " + ("two fp32 moments, 8 bytes per parameter" if cfg.optimizer == "adamw"
                                              else "factored second moments, a row and a column per matrix")),
         ("activations", f"{gib(gpu['parts']['activations']):.2f}",
-         f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens, {precision} ({gpu['method']}), peak, attention "
-         "as CUDA's memory-efficient SDPA kernel keeps it"),
+         (f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target tokens"
+          if packed else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
+         + f", {precision} ({gpu['method']}), peak, attention as CUDA's memory-efficient SDPA kernel keeps it"),
         ("CUDA context", f"{gib(gpu['parts']['cuda_context']):.2f}", "outside PyTorch's allocator"),
         ("total", f"{gib(gpu['total']):.2f}", f"{free_ratio} ({abs(spare) / GIB:.1f} GiB "
          + ("left)" if spare >= 0 else "over)")),
@@ -293,9 +358,10 @@ def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
 
     cfg, model_cfg = starting_settings(with_resolved_paths(cfg), model_cfg, given, ONE_PROCESS)
     rows, rows_source = training_rows(cfg, flags.num_samples)
-    row_bytes = stored_row_bytes(cfg.train_file)
+    packed = packing(cfg, rows, rows_source)
+    row_bytes = stored_row_bytes(cfg)
     notes = [] if row_bytes else [f"no readable --train_file: assuming {ASSUMED_ROW_BYTES} bytes per row"]
-    steps = schedule(cfg, rows, flags.num_processes)
+    steps = schedule(cfg, packed["chunks"] if packed else rows, flags.num_processes)
     if cfg.warmup_steps >= steps["schedule_steps"]:
         notes.append(f"--warmup_steps={cfg.warmup_steps} is not below the schedule's {steps['schedule_steps']} "
                      "steps: the learning rate never reaches --learn_rate")
@@ -304,11 +370,13 @@ def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
     trained_shapes = parameter_shapes(model_cfg, vocab, cfg.freeze)
     trainable = sum(math.prod(shape) for shape in trained_shapes)
     optimizer_bytes = state_bytes(cfg.optimizer, trained_shapes)
-    host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES)  # measured before the probe runs
+    tokens_per_row = packed["tokens"] / rows if packed else 2 * cfg.max_seq_len
+    host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES, tokens_per_row)  # before the probe runs
     gpu = gpu_plan(cfg, model_cfg, vocab, parameters, trainable, optimizer_bytes, flags.probe, notes)
     seconds = flags.step_time
     plan = dict(
-        cfg=cfg, model_cfg=model_cfg, steps=steps, rows_source=rows_source, vocab=vocab, vocab_source=vocab_source,
+        cfg=cfg, model_cfg=model_cfg, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
+        vocab_source=vocab_source,
         parameters=parameters, trainable=trainable, gpu=gpu, host=host,
         disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes,
         step_time=seconds or None,

@@ -64,16 +64,26 @@ class AnalyticActivations:
         self.coefficients = _PER_TOKEN[self.precision]
         self.cuda_attention = cuda_attention
 
-    def bytes(self, rows: int, seq_len: int) -> int:
+    def bytes(self, rows: int, seq_len: int, target_len: int | None = None) -> int:
+        """`target_len`: the decoder's tokens when they differ from the encoder's `seq_len` (span corruption). The
+        coefficients were counted with equal lengths; with unequal ones the decoder's attention scores and the
+        tensors outside the layers are taken at the mean of the two lengths (an approximation the probe avoids)."""
         cfg, coefficients = self.model_cfg, self.coefficients
-        widths = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.num_heads * seq_len)
-        layer = lambda kind: sum(c * w for c, w in zip(coefficients[kind], widths))
-        per_token = (cfg.num_layers * layer("encoder") + cfg.num_decoder_layers * layer("decoder")
-                     + coefficients["outside_d_model"] * cfg.d_model + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab)
-        total = coefficients["weight_copy"] * self.parameters + per_token * rows * seq_len
+        target = target_len or seq_len
+        mean = (seq_len + target) / 2
+
+        def layer(kind: str, keys: float) -> float:
+            widths = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.num_heads * keys)
+            return sum(c * w for c, w in zip(coefficients[kind], widths))
+
+        token_bytes = (cfg.num_layers * layer("encoder", seq_len) * seq_len
+                       + cfg.num_decoder_layers * layer("decoder", mean) * target
+                       + coefficients["outside_d_model"] * cfg.d_model * mean
+                       + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab * target)
+        total = coefficients["weight_copy"] * self.parameters + token_bytes * rows
         if self.cuda_attention:
-            attentions = cfg.num_layers + 2 * cfg.num_decoder_layers
-            total -= _CPU_ONLY_ATTENTION_BYTES[self.precision] * attentions * rows * cfg.num_heads * seq_len**2
+            scores = cfg.num_layers * seq_len**2 + cfg.num_decoder_layers * (target**2 + target * seq_len)
+            total -= _CPU_ONLY_ATTENTION_BYTES[self.precision] * rows * cfg.num_heads * scores
         return round(total)
 
 
@@ -145,8 +155,9 @@ def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 
 
 def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None,
-                    cuda_attention: bool = False) -> int:
-    """Peak bytes allocated by one forward and backward pass of `model` on `rows` rows of `seq_len` tokens.
+                    cuda_attention: bool = False, target_len: int | None = None) -> int:
+    """Peak bytes allocated by one forward and backward pass of `model` on `rows` rows of `seq_len` input tokens
+    and `target_len` (default: `seq_len`) target tokens.
 
     With `fake_mode` (the FakeTensorMode the model was built in) nothing is computed; without it the step runs
     for real on the CPU, which is how the tests check the fake figure. `cuda_attention` models the attention
@@ -156,7 +167,9 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
     model.train()
     model.zero_grad(set_to_none=True)
     with fake_mode or contextlib.nullcontext():
-        tokens = torch.randint(2, len(model.get_input_embeddings().weight), (rows, seq_len))
+        vocab = len(model.get_input_embeddings().weight)
+        tokens = torch.randint(2, vocab, (rows, seq_len))
+        targets = tokens if target_len is None else torch.randint(2, vocab, (rows, target_len))
         tracker = PeakBytes()
         hooks = [parameter.register_post_accumulate_grad_hook(lambda p: tracker.forget(id(p.grad.untyped_storage())))
                  for parameter in model.parameters() if parameter.requires_grad]
@@ -166,7 +179,7 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
                 # No attention mask: transformers asks a mask whether it is all ones, which fake tensors cannot
                 # answer; the mask itself is rows x seq_len integers, nothing next to the activations.
-                loss, _ = token_loss_sum(model, tokens, None, tokens)
+                loss, _ = token_loss_sum(model, tokens, None, targets)
             loss.backward()
     for hook in hooks:
         hook.remove()
@@ -191,8 +204,9 @@ class ProbedActivations:
             self.model = build_model(model_cfg, StandInTokenizer(vocab))
         freeze(self.model, frozen)  # a frozen encoder keeps no activations for a backward pass
 
-    def bytes(self, rows: int, seq_len: int) -> int:
-        return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode, self.cuda_attention)
+    def bytes(self, rows: int, seq_len: int, target_len: int | None = None) -> int:
+        return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode, self.cuda_attention,
+                               target_len)
 
 
 def gpu_memory(parameters: int, trainable: int, optimizer_bytes: int, activation_bytes: int) -> dict:

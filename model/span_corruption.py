@@ -61,17 +61,18 @@ class SpanCorruption:
         runs = np.empty(2 * spans, dtype=np.int64)
         runs[0::2] = _random_parts(length - noise, spans, rng)
         runs[1::2] = _random_parts(noise, spans, rng)
-        return np.repeat(np.tile([False, True], spans), runs)
+        return np.repeat(np.arange(2 * spans) % 2 == 1, runs)
 
     def corrupt(self, tokens: np.ndarray, rng: np.random.Generator, sentinel_ids: np.ndarray, eos_id: int
                 ) -> tuple[np.ndarray, np.ndarray]:
         """The encoder input and the decoder target of one chunk of token ids."""
         noise = self.noise_mask(len(tokens), rng)
-        span_start = noise & ~np.r_[False, noise[:-1]]
+        span_start = noise.copy()
+        span_start[1:] &= ~noise[:-1]
         span_of = np.cumsum(span_start) - 1  # at a noise token: the index of its span
         with_sentinels = tokens.astype(np.int64)
         with_sentinels[span_start] = sentinel_ids[span_of[span_start]]
-        inputs = np.r_[with_sentinels[~noise | span_start], eos_id]
+        inputs = np.append(with_sentinels[~noise | span_start], eos_id)
         cut = np.flatnonzero(noise)
         targets = np.empty(len(cut) + int(span_start.sum()) + 1, dtype=np.int64)
         targets[np.arange(len(cut)) + span_of[cut] + 1] = tokens[cut]  # each span shifted by the sentinels before it
@@ -83,8 +84,10 @@ class SpanCorruption:
 
 def _random_parts(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     """`parts` positive integers summing to `total`, every such split equally likely."""
-    cuts = np.sort(rng.choice(total - 1, parts - 1, replace=False)) + 1
-    return np.diff(np.r_[0, cuts, total])
+    bounds = np.empty(parts + 1, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, total
+    bounds[1:-1] = np.sort(rng.choice(total - 1, parts - 1, replace=False)) + 1
+    return np.diff(bounds)
 
 
 def restore(inputs, targets, sentinel_ids) -> list[int]:

@@ -42,6 +42,7 @@ def test_bench_data_measures_throughput_padding_and_memory(big_parquet, tmp_path
     pq.write_table(pq.read_table(big_parquet).slice(0, 1000), small, row_group_size=500)
     out = bench("bench_data.py", "--rounds", 1, "--batches", 20, "--big", big_parquet, "--big_1m", small)
     assert "rows/s" in out and "padding" in out
+    assert "(e) span corruption" in out and "pipeline/this = " in out
 
 
 def test_bench_train_compares_the_trainer_with_a_bare_loop_over_several_rounds(big_parquet):
@@ -56,6 +57,16 @@ def test_bench_scale_trains_two_files_on_two_processes_and_compares_peak_memory(
     out = bench("bench_scale.py", "--big", big_parquet, "--small", small, "--steps", 3, "--batch_size", 4,
                 "--tokenizer_dir", tmp_path / "tokenizer", timeout=900)
     assert "peak" in out.lower()
+
+
+def test_bench_scale_on_raw_text_counts_tokens_then_trains_and_compares_peak_memory(tmp_path):
+    shared_file("sample_train_3k.parquet")
+    out = bench("bench_scale.py", "--objective", "span_corruption", "--big", tmp_path / "big.parquet",
+                "--small", tmp_path / "small.parquet", "--big_rows", 4000, "--small_rows", 1000, "--steps", 3,
+                "--batch_size", 4, "--tokenizer_dir", tmp_path / "tokenizer", timeout=900)
+    assert "the token count before training took" in out and "training (span_corruption)" in out
+    assert "peak RSS 4,000 rows / 1,000 rows = " in out
+    assert pq.read_schema(tmp_path / "big.parquet").names == ["text"]
 
 
 def test_bench_recipe_compares_recipes_on_held_out_loss():

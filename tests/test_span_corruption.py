@@ -325,3 +325,31 @@ def test_a_run_cannot_resume_with_another_objective(tmp_path, text_task):
     result = run_cli("train", dict(flags, is_keep_training=True, objective="seq2seq"), check=False)
     assert result.returncode == 2 and "--objective: the saved run has 'span_corruption', this one 'seq2seq'" \
         in result.stderr
+
+
+@pytest.mark.slow
+def test_plan_estimates_the_chunks_then_counts_them_exactly_once_a_run_kept_the_token_counts(tmp_path, text_task):
+    flags = span_run_flags(tmp_path, text_task, max_steps=1, max_seq_len=64)
+
+    def plan() -> dict:
+        return json.loads(run_cli("plan", dict(flags, json=True, probe=False)).stdout)
+
+    before = plan()
+    result = run_cli("train", flags)
+    chunks = int(result.stdout.split(" chunks of ")[0].rsplit(" ", 1)[-1])
+    after = plan()
+    assert after["packing"]["chunks"] == chunks and after["packing"]["source"].startswith("token counts kept in")
+    assert after["steps_per_epoch"] == math.ceil(chunks / 8) and after["objective"] == "span_corruption"
+    # (398: the file's 400 documents less a null and an empty one)
+    assert before["packing"]["source"].startswith("estimated from the first 398 documents")
+    assert abs(before["packing"]["chunks"] - chunks) <= 0.05 * chunks
+    # The decoder reads targets of a quarter of max_seq_len: far less memory than a seq2seq step of that length.
+    pairs = json.loads(run_cli("plan", dict(flags, json=True, probe=False, objective="seq2seq",
+                                            num_samples=1000)).stdout)
+    assert after["activation_bytes"] < 0.7 * pairs["activation_bytes"]
+
+
+def test_plan_of_packed_text_without_its_file_says_it_needs_one(tmp_path, text_task):
+    flags = span_run_flags(tmp_path, text_task, num_samples=1000, train_file=str(tmp_path / "missing.parquet"))
+    result = run_cli("plan", flags, check=False)
+    assert result.returncode == 2 and "plan with a readable --train_file" in result.stderr

@@ -19,6 +19,7 @@ from utils.errors import RunAborted, UserError, UserErrors
 EXIT_USER_ERROR = 2
 EXIT_RUN_ABORTED = 1
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 # What Fire is shown of every command, so that it hands over every argument: with the real signature it reports
 # unknown flags and missing arguments itself, in several lines of usage text, and only after the command ran.
 TAKES_EVERYTHING = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
@@ -52,6 +53,10 @@ def command(function):
             leave(report(problems, EXIT_USER_ERROR, error.every_rank), error.every_rank)
         except RunAborted as error:
             leave(report([str(error)], EXIT_RUN_ABORTED, error.every_rank), error.every_rank)
+        except KeyboardInterrupt:
+            # Ctrl-C before training's own handler is in place (a tokenizer being trained, tokens being counted) or
+            # in another command, which write their files whole or not at all: one line instead of a traceback.
+            leave(report(["interrupted (Ctrl-C)"], EXIT_INTERRUPTED), True)
 
     run.__signature__ = TAKES_EVERYTHING
     return run

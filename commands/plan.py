@@ -70,14 +70,17 @@ def packing(cfg, rows: int, rows_source: str) -> dict | None:
     from model.dataset import shared_encoder
     from model.packed_text import counts_dir_of
     from model.parquet import expand_paths, first_usable_rows
-    from model.span_corruption import SpanCorruption
+    from model.span_corruption import corruption_of
     from model.token_counts import RunningTotals, counts_path, document_lengths
     from model.tokenizer import has_tokenizer, load_tokenizer
 
-    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    corruption = corruption_of(cfg)
     length = corruption.chunk_length(cfg.max_seq_len)
     encoder = shared_encoder(load_tokenizer(cfg.tokenizer_dir), None) if has_tokenizer(cfg.tokenizer_dir) else None
-    paths = expand_paths(split_paths(cfg.train_file)) if rows_source != "--num_samples" else []
+    if rows_source == "--num_samples":
+        raise UserError("--num_samples with --objective=span_corruption: the chunks depend on the documents' "
+                        "tokens; plan with a readable --train_file")
+    paths = expand_paths(split_paths(cfg.train_file))
     kept = [counts_path(counts_dir_of(cfg.output_dir), path, cfg.text_column, encoder) for path in paths] \
         if encoder else []
     if kept and all(map(os.path.exists, kept)):
@@ -86,12 +89,13 @@ def packing(cfg, rows: int, rows_source: str) -> dict | None:
     else:
         import pyarrow as pa
 
-        sample = first_usable_rows(paths[0], SAMPLED_DOCUMENTS, (cfg.text_column,))[0] if paths else []
+        sample = first_usable_rows(paths[0], SAMPLED_DOCUMENTS, (cfg.text_column,))[0]
         if not sample:
-            raise UserError("--num_samples with --objective=span_corruption: the chunks depend on the documents' "
-                            "tokens; plan with a readable --train_file")
+            raise UserError(f"--train_file={cfg.train_file}: {paths[0]} has no document with text in column "
+                            f"'{cfg.text_column}'")
         lengths = document_lengths(encoder, pa.array(sample)) if encoder else [len(text) + 1 for text in sample]
         tokens = round(rows * sum(lengths) / len(sample))
+        # (Every row is taken for a document like the sampled ones: empty documents make this an upper bound.)
         source = (f"estimated from the first {len(sample):,} documents"
                   + ("" if encoder else ", one token per character (no tokenizer yet)"))
     return dict(chunks=max(1, math.ceil(tokens / length)), tokens=tokens, chunk_length=length,
@@ -103,9 +107,9 @@ def target_length(cfg, seq_len: int) -> int | None:
     """The decoder's tokens when they are not `seq_len`: span corruption's targets are about a quarter of it."""
     if cfg.objective != "span_corruption":
         return None
-    from model.span_corruption import SpanCorruption
+    from model.span_corruption import corruption_of
 
-    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    corruption = corruption_of(cfg)
     return corruption.target_length(corruption.chunk_length(seq_len))
 
 

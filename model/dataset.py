@@ -12,7 +12,6 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from tokenizers import Tokenizer
 
 from model.parquet import TEXT_COLUMNS as COLUMNS
@@ -156,7 +155,4 @@ class LowMemParquetDataset(WindowedStream):
     def _micro_batch(self, rows: _Window) -> MicroBatch:
         if len(rows.usable) == 0:
             return MicroBatch.placeholder(self._eos_id)
-        input_ids, attention = rows.prompts.padded(self._pad_id, self.pad_to_multiple_of)
-        labels, _ = rows.responses.padded(LABEL_PAD, self.pad_to_multiple_of)
-        return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)),
-                          torch.from_numpy(labels))
+        return MicroBatch.padded(rows.prompts, rows.responses, self._pad_id, self.pad_to_multiple_of)

@@ -15,12 +15,11 @@ import os
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 
-from model.dataset import shared_encoder
+from model.dataset import shared_encoder, tokenize
 from model.span_corruption import SpanCorruption, sentinel_ids
-from model.token_counts import RunningTotals, ensure_counts
-from model.windows import LABEL_PAD, MicroBatch, Ragged, WindowedStream
+from model.token_counts import RunningTotals, counts_path, ensure_counts
+from model.windows import MicroBatch, Ragged, WindowedStream
 from utils.errors import UnreadableData, UserError
 
 # Where a dataset built outside the trainer keeps its counts (the trainer keeps them in its output_dir).
@@ -31,14 +30,15 @@ EVAL_STREAM = 2**31
 
 class PackedTextDataset(WindowedStream):
     """Yields this rank's span-corrupted micro-batches of packed documents (as dicts, or with `yield_steps=True`
-    one `StepBatch` per optimizer step). `counts_dir` keeps the token counts (counted on first use)."""
+    one `StepBatch` per optimizer step). `counts_dir` keeps the token counts (counted on first use, by this process
+    unless `count_missing` is False: then it waits for them); `counts_files` names them instead (one per file)."""
 
     sample_name = "chunks"
 
     def __init__(self, files, tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000, seed=0, rank=0,
                  world_size=1, ultra_low_mem=True, gradient_accumulation_steps=1, yield_steps=False,
                  pad_to_multiple_of=1, text_column="text", noise_density=0.15, mean_noise_span_length=3.0,
-                 counts_dir=DEFAULT_COUNTS_DIR, count_missing=True):
+                 counts_dir=DEFAULT_COUNTS_DIR, count_missing=True, counts_files=None):
         super().__init__(files, (text_column,), batch_size, buffer_size, seed, rank, world_size, ultra_low_mem,
                          gradient_accumulation_steps, yield_steps, pad_to_multiple_of)
         self.corruption = SpanCorruption(noise_density, mean_noise_span_length)
@@ -47,8 +47,10 @@ class PackedTextDataset(WindowedStream):
         self._sentinels = sentinel_ids(tokenizer, self.corruption.spans(self.chunk_length), self.max_seq_len)
         self._encoder = shared_encoder(tokenizer, None)
         self._pad_id, self._eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        counts_files = counts_files or [counts_path(counts_dir, path, text_column, self._encoder)
+                                        for path in self._paths]
         self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text_column, self._encoder,
-                                                                       counts_dir, count_missing)]
+                                                                       counts_files, count_missing)]
         first, end = self._rg_first_row, self._rg_first_row + self._rg_rows
         self._rg_tokens = np.array([self._tokens_in(g, int(a), int(b)) for g, (a, b) in enumerate(zip(first, end))],
                                    dtype=np.int64)
@@ -88,8 +90,7 @@ class PackedTextDataset(WindowedStream):
         texts = pc.fill_null(self._read_window_rows(epoch, window)[self.columns[0]], "")
         texts = texts.filter(pc.greater(pc.utf8_length(texts), 0))
         order = np.random.default_rng([self.seed, epoch, window]).permutation(len(texts))
-        documents = [encoding.ids for encoding in self._encoder.encode_batch_fast(texts.take(order).to_pylist())]
-        tokens = Ragged.from_lists(documents).flat
+        tokens = tokenize(self._encoder, texts.take(order)).flat
         starts = self.window_starts(epoch)
         if len(tokens) != starts[window + 1] - starts[window]:
             raise UnreadableData(f"{', '.join(self._paths)}: window {window} of epoch {epoch} holds {len(tokens)} "
@@ -122,16 +123,19 @@ class PackedTextDataset(WindowedStream):
             return MicroBatch.placeholder(self._eos_id)
         pairs = [self.corrupt(tokens[c * self.chunk_length:(c + 1) * self.chunk_length], epoch, lo + int(c))
                  for c in chunks]
-        input_ids, attention = Ragged.from_lists([inputs for inputs, _ in pairs]).padded(self._pad_id,
-                                                                                        self.pad_to_multiple_of)
-        labels, _ = Ragged.from_lists([targets for _, targets in pairs]).padded(LABEL_PAD, self.pad_to_multiple_of)
-        return MicroBatch(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)),
-                          torch.from_numpy(labels))
+        return MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
+                                 Ragged.from_lists([targets for _, targets in pairs]), self._pad_id,
+                                 self.pad_to_multiple_of)
 
     def corrupt(self, chunk: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Input and target of chunk `index` of `epoch`: the same spans whenever and wherever it is built."""
-        return self.corruption.corrupt(chunk, np.random.default_rng([self.seed, epoch, index]), self._sentinels,
-                                       self._eos_id)
+        return self.corruption.corrupt(chunk, mask_generator(self.seed, epoch, index), self._sentinels, self._eos_id)
+
+
+def mask_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream that masks chunk `index` of `epoch` (EVAL_STREAM: of the evaluation's chunks); the last
+    number keeps it apart from the stream that shuffles window `index` of that epoch."""
+    return np.random.default_rng([seed, epoch, index, 1])
 
 
 def leading_chunks(path: str, column: str, tokenizer, chunk_length: int, max_chunks: int) -> list[np.ndarray]:

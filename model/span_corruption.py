@@ -82,6 +82,11 @@ class SpanCorruption:
         return inputs, targets
 
 
+def corruption_of(cfg) -> SpanCorruption:
+    """The corruption a train config (its noise_density and mean_noise_span_length) asks for."""
+    return SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+
+
 def _random_parts(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     """`parts` positive integers summing to `total`, every such split equally likely."""
     bounds = np.empty(parts + 1, dtype=np.int64)

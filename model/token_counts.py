@@ -48,20 +48,24 @@ def count_tokens(path: str, column: str, encoder, destination: str) -> int:
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     partial = os.path.join(os.path.dirname(destination), f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(destination)}")
     total = 0
-    with open(partial, "wb") as out:
-        out.write(np.zeros(1, dtype=np.int64).tobytes())
-        for batch in read_batches(open_parquet(path), path, [column]):
-            running = total + np.cumsum(document_lengths(encoder, batch.column(0)))
-            out.write(running.astype(np.int64).tobytes())
-            total = int(running[-1]) if len(running) else total
-    os.replace(partial, destination)
+    try:
+        with open(partial, "wb") as out:
+            out.write(np.zeros(1, dtype=np.int64).tobytes())
+            for batch in read_batches(open_parquet(path), path, [column]):
+                running = total + np.cumsum(document_lengths(encoder, batch.column(0)))
+                out.write(running.astype(np.int64).tobytes())
+                total = int(running[-1]) if len(running) else total
+        os.replace(partial, destination)
+    finally:
+        if os.path.exists(partial):  # a count cut short (Ctrl-C, a damaged file) leaves nothing behind
+            os.remove(partial)
     return total
 
 
-def ensure_counts(paths: list, column: str, encoder, counts_dir: str, is_counter: bool = True) -> list[str]:
-    """The counts files of `paths`, counting those missing. Only the counter (the main process) counts; the other
-    processes wait for its files, so a corpus is tokenized once, not once per process."""
-    wanted = [counts_path(counts_dir, path, column, encoder) for path in paths]
+def ensure_counts(paths: list, column: str, encoder, wanted: list, is_counter: bool = True) -> list[str]:
+    """The counts files `wanted` of `paths` (see `counts_path`), counting those missing. Only the counter (the main
+    process) counts; the other processes wait for its files, so a corpus is tokenized once, not once per process.
+    Give every process the main process's names: on another machine the files' paths or times may differ."""
     missing = [(path, counts) for path, counts in zip(paths, wanted) if not os.path.exists(counts)]
     if missing and is_counter:
         for path, counts in missing:

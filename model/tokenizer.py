@@ -1,7 +1,8 @@
 """Lossless byte-level BPE tokenizer trained from the `prompt`/`response` columns of parquet files (or, for raw text
 and span corruption, from one text column; that tokenizer also has T5's 100 sentinel tokens, <extra_id_0>...).
 
-Lossless means `decode(encode(text), skip_special_tokens=True) == text` for any Unicode text, which rules out
+Lossless means `decode(encode(text), skip_special_tokens=True) == text` for any Unicode text that does not spell
+out a special token ([PAD], [EOS], [UNK], [BOS], and with sentinels <extra_id_N>), which rules out
 normalizers (NFKC folds full-width characters) and anything that eats whitespace. Byte-level BPE gets it for
 free: every text is a byte sequence and every byte is in the vocabulary, so there is never an unknown token.
 """

@@ -9,7 +9,8 @@ token counts), so any process computes any part of the stream without reading wh
   covers samples [start + k·G, start + (k+1)·G), G = batch_size × world_size × gradient_accumulation_steps. Every
   rank knows the whole global batch and takes its own slices, so how a step is split over ranks and micro-steps
   never changes which samples it trains on.
-A position is therefore one number (the next step's first sample), and resuming reads one window.
+A position is therefore one number (the next step's first sample), and resuming reads only the windows of the
+step it resumes at.
 """
 import itertools
 import math
@@ -58,6 +59,13 @@ class MicroBatch:
     def real_tokens(self) -> int:
         """Input and target tokens, padding not counted."""
         return int(self.attention_mask.sum()) + int((self.labels != LABEL_PAD).sum())
+
+    @classmethod
+    def padded(cls, inputs: "Ragged", targets: "Ragged", pad_id: int, multiple: int = 1) -> "MicroBatch":
+        """Rows of input and target ids, right-padded (each to a width that is a multiple of `multiple`)."""
+        input_ids, attention = inputs.padded(pad_id, multiple)
+        labels, _ = targets.padded(LABEL_PAD, multiple)
+        return cls(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)), torch.from_numpy(labels))
 
     @classmethod
     def placeholder(cls, eos_id: int) -> "MicroBatch":
@@ -239,8 +247,9 @@ class WindowedStream(IterableDataset):
         self.load_state_dict({**self.state_at(epoch, sample), "layout_size": layout_size})
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples:
-            raise UserError(f"{', '.join(self._paths)}: the checkpoint's data had {state['num_samples']} "
+        saved_samples = state.get("num_samples", state.get("num_rows"))  # (the key before packed text existed)
+        if saved_samples != self.num_samples:
+            raise UserError(f"{', '.join(self._paths)}: the checkpoint's data had {saved_samples} "
                             f"{self.sample_name}, these files have {self.num_samples}; resume needs the same "
                             "training files")
         if state["seed"] != self.seed:

@@ -352,6 +352,23 @@ def test_a_second_ctrl_c_ends_the_run_at_once_with_one_line(tmp_path, task):
     assert "error: a second Ctrl-C: stopped at once" in output
 
 
+def test_ctrl_c_while_the_tokens_are_counted_ends_with_one_line_and_leaves_no_partial_counts(tmp_path, text_task):
+    from tests.conftest import raw_documents, write_text_parquet
+
+    data, tokenizer_dir = text_task
+    corpus = write_text_parquet(tmp_path / "corpus.parquet", raw_documents(1000, seed=5) * 300, row_group_size=5000)
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, dict(data, train_file=str(corpus)), objective="span_corruption",
+                           max_seq_len=32)
+    process = start_training(flags)
+    wait_for_line(process, "counting the tokens of every document")
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 130 and "Traceback" not in output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == ["error: interrupted (Ctrl-C)"]
+    assert os.listdir(os.path.join(flags["output_dir"], "token_counts")) == []  # no count, whole or partial
+
+
 class SignalledWhileWriting(io.RawIOBase):
     """A log file whose first write is interrupted by Ctrl-C: Python runs the handler right there, inside the
     buffered writer's flush (what a write(2) interrupted by the signal does in a real run)."""

@@ -78,9 +78,8 @@ def epoch_chunks(dataset, tokenizer) -> list:
             for inputs, targets in rows_of(batch)]
 
 
-def test_the_corrupted_batches_of_an_epoch_restore_to_every_document_exactly_once(dataset_factory):
-    make, tokenizer, data = dataset_factory
-    dataset = make()
+def restored_documents(dataset, tokenizer) -> list[str]:
+    """The documents an epoch's corrupted batches restore to, after checking the chunks' lengths."""
     chunks = epoch_chunks(dataset, tokenizer)
     assert all(len(chunk) == dataset.chunk_length for chunk in chunks[:-1]) and len(chunks) == dataset.num_samples
     stream = [token for chunk in chunks for token in chunk]
@@ -91,8 +90,23 @@ def test_the_corrupted_batches_of_an_epoch_restore_to_every_document_exactly_onc
         if token == tokenizer.eos_token_id:
             documents.append(tokenizer.decode(current, skip_special_tokens=True))
             current = []
+    return documents
+
+
+def test_the_corrupted_batches_of_an_epoch_restore_to_every_document_exactly_once(dataset_factory):
+    make, tokenizer, data = dataset_factory
     expected = [d for d in pq.read_table(data["train_file"])["text"].to_pylist() if d]
-    assert collections.Counter(documents) == collections.Counter(expected)
+    assert collections.Counter(restored_documents(make(), tokenizer)) == collections.Counter(expected)
+
+
+def test_windows_without_a_token_and_steps_over_many_windows_lose_and_repeat_nothing(dataset_factory, tmp_path):
+    _, tokenizer, _ = dataset_factory
+    documents = ["甲乙"] * 3 + [""] * 9 + ["丙丁戊"] * 3 + [None] * 5 + ["己"] + [""] * 4
+    path = write_text_parquet(tmp_path / "sparse.parquet", documents, row_group_size=3)
+    for epoch in (0, 1):
+        dataset = packed(str(path), tokenizer, max_seq_len=8, buffer_size=2, counts_dir=str(tmp_path / "counts"))
+        dataset.set_epoch(epoch)
+        assert sorted(restored_documents(dataset, tokenizer)) == sorted(d for d in documents if d)
 
 
 def test_noise_density_over_an_epoch_is_within_a_hundredth_of_the_flag(dataset_factory):
@@ -318,13 +332,36 @@ def test_train_tokenizer_on_a_missing_text_column_exits_2_naming_it(tmp_path, te
     assert result.returncode == 2 and "missing column 'body'" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_a_run_cannot_resume_with_another_objective(tmp_path, text_task):
-    flags = span_run_flags(tmp_path, text_task, max_steps=3)
+@pytest.fixture(scope="module")
+def stopped_span_run(tmp_path_factory, text_task):
+    flags = span_run_flags(tmp_path_factory.mktemp("stopped"), text_task, max_steps=3)
     run_cli("train", flags)
-    result = run_cli("train", dict(flags, is_keep_training=True, objective="seq2seq"), check=False)
-    assert result.returncode == 2 and "--objective: the saved run has 'span_corruption', this one 'seq2seq'" \
-        in result.stderr
+    return flags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change,fragment", [
+    (dict(objective="seq2seq"), "--objective: the saved run has 'span_corruption', this one 'seq2seq'"),
+    (dict(max_seq_len=48), "--max_seq_len: the saved run has 32, this one 48 (it cuts the documents into other "
+                           "chunks)"),
+    (dict(noise_density=0.3), "--noise_density: the saved run has 0.15, this one 0.3"),
+    ("other_documents", "the saved run's epochs had"),
+])
+def test_a_span_corruption_run_resumes_only_on_the_same_chunks(stopped_span_run, tmp_path, change, fragment):
+    if change == "other_documents":
+        change = {"train_file": str(write_text_parquet(tmp_path / "other.parquet", raw_documents(300, seed=8)))}
+    result = run_cli("train", dict(stopped_span_run, is_keep_training=True, **change), check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+
+
+def test_a_non_finite_eval_loss_ranks_below_every_finite_one():
+    from training.best_models import BestModels
+
+    best = BestModels(None, "unused", 3, None, metric="eval_loss")
+    entries = [{"eval_loss": loss, "step": step} for step, loss in ((1, float("nan")), (2, 3.0), (3, 2.0),
+                                                                     (4, float("inf")))]
+    assert [e["step"] for e in best.ranked(entries)] == [3, 2, 1, 4]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ A model that falls out of the top k is deleted only once a state that no longer 
 state's list always names models that exist.
 """
 import logging
+import math
 import os
 import shutil
 
@@ -32,7 +33,11 @@ class BestModels:
 
     def ranked(self, entries: list) -> list:
         sign = -1 if HIGHER_IS_BETTER[self.metric] else 1
-        return sorted(entries, key=lambda e: (sign * e[self.metric], e["step"]))
+
+        def badness(entry) -> float:  # a non-finite score (a diverged model's loss) ranks last
+            return sign * entry[self.metric] if math.isfinite(entry[self.metric]) else math.inf
+
+        return sorted(entries, key=lambda e: (badness(e), e["step"]))
 
     def consider(self, model, state, score: float) -> bool:
         """Save the model if it enters the top k by its `score` (the metric's value) and update `state.best`. Call

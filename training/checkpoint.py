@@ -4,8 +4,9 @@
 Layout under `output_dir`:
     state/step-00001234/   Accelerate's save_state (model, optimizer, every rank's RNG states, TrainingState)
                            plus run.json and the COMPLETE marker, written last
-    best/step-00001234/    Hugging Face model + tokenizer, the top `keep_latest_n_ckp` by BLEU-4
-    checkpoints.json       {"best": [...]}, best first
+    best/step-00001234/    Hugging Face model + tokenizer, the top `keep_latest_n_ckp` by BLEU-4 (span corruption:
+                           by eval loss)
+    checkpoints.json       {"metric": "bleu4" or "eval_loss", "best": [...]}, best first
     final/                 the model at the end of every invocation
 
 Every directory is written under a temporary name, fsynced, then renamed: a reader never sees half of one. A

@@ -1,18 +1,18 @@
 """Evaluation on the validation file, split across ranks: for seq2seq the loss and BLEU-4 of greedy generations
 (gathered as strings), for span corruption the held-out denoising loss (BLEU means nothing there)."""
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from model.loss import padded, token_loss_sum
-from model.packed_text import EVAL_STREAM, leading_chunks
+from model.packed_text import EVAL_STREAM, leading_chunks, mask_generator
 from model.parquet import first_usable_rows
-from model.span_corruption import SpanCorruption, sentinel_ids
+from model.span_corruption import corruption_of, sentinel_ids
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -32,6 +32,36 @@ def build_evaluator(cfg, accelerator, tokenizer):
         return DenoisingEvaluator(accelerator, tokenizer, cfg)
     return Evaluator(accelerator, tokenizer, cfg.validation_file, cfg.eval_max_samples, cfg.eval_batch_size,
                      cfg.max_seq_len)
+
+
+@contextlib.contextmanager
+def scoring(accelerator, model):
+    """The bare model in eval mode, without gradients, under the run's autocast; back in its mode afterwards."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            yield unwrapped
+    finally:
+        unwrapped.train(was_training)
+
+
+class LossTotal:
+    """Token cross-entropy summed over batches, with its number of target tokens; `mean()` over every rank."""
+
+    def __init__(self, accelerator):
+        self.accelerator, device = accelerator, accelerator.device
+        self.loss, self.tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+
+    def add(self, model, input_ids, attention_mask, labels) -> None:
+        loss, tokens = token_loss_sum(model, input_ids, attention_mask, labels)
+        self.loss += loss
+        self.tokens += tokens
+
+    def mean(self) -> float:
+        totals = self.accelerator.reduce(torch.stack([self.loss, self.tokens.float()]), "sum")
+        return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 class Evaluator:
@@ -64,33 +94,24 @@ class Evaluator:
     def batch_count(self) -> int:
         return -(-len(self.prompts) // self.batch_size)
 
-    @torch.no_grad()
     def evaluate(self, model, progress: bool = False) -> EvalResult:
         """`progress`: a bar on an interactive terminal (the `evaluate` command; training logs lines instead)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        device = self.accelerator.device
-        loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        device, total = self.accelerator.device, LossTotal(self.accelerator)
         generations = [""] * len(self.prompts)
         bar = tqdm(total=self.batch_count, unit="batch", desc="evaluating",
                    disable=not (progress and self.accelerator.is_main_process and sys.stderr.isatty()))
-        with self.accelerator.autocast(), bar:
+        with scoring(self.accelerator, model) as unwrapped, bar:
             for rows, input_ids, attention_mask, labels in self.batches():
                 input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
-                batch_loss, batch_tokens = token_loss_sum(unwrapped, input_ids, attention_mask, labels)
-                loss_sum += batch_loss
-                tokens += batch_tokens
+                total.add(unwrapped, input_ids, attention_mask, labels)
                 output = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                             num_beams=1, max_new_tokens=self.max_seq_len, use_cache=True)
                 for row, text in zip(rows, self.tokenizer.batch_decode(output, skip_special_tokens=True)):
                     generations[row] = text
                 bar.update(1)
-        unwrapped.train(was_training)
-        totals = self.accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
+        eval_loss = total.mean()
         triples = gather_object(list(zip(self.prompts, self.references, generations)))
         score = bleu4([t[2] for t in triples], [t[1] for t in triples])
-        eval_loss = (totals[0] / totals[1].clamp(min=1)).item()
         return EvalResult(score, eval_loss, len(triples), triples[:EXAMPLES_LOGGED])
 
 
@@ -101,35 +122,25 @@ class DenoisingEvaluator:
 
     def __init__(self, accelerator, tokenizer, cfg):
         self.accelerator, self.batch_size, self.pad_id = accelerator, cfg.eval_batch_size, tokenizer.pad_token_id
-        corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+        corruption = corruption_of(cfg)
         length = corruption.chunk_length(cfg.max_seq_len)
         chunks = leading_chunks(cfg.validation_file, cfg.text_column, tokenizer, length, cfg.eval_max_samples) \
             if cfg.eval_max_samples else []
         self.total = len(chunks)
         sentinels = sentinel_ids(tokenizer, corruption.spans(length), cfg.max_seq_len) if chunks else None
         rank, world = accelerator.process_index, accelerator.num_processes
-        self.pairs = [corruption.corrupt(chunks[i], np.random.default_rng([cfg.seed, EVAL_STREAM, i]), sentinels,
+        self.pairs = [corruption.corrupt(chunks[i], mask_generator(cfg.seed, EVAL_STREAM, i), sentinels,
                                          tokenizer.eos_token_id) for i in range(rank, len(chunks), world)]
 
-    @torch.no_grad()
     def evaluate(self, model, progress: bool = False) -> EvalResult:
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        device = self.accelerator.device
-        loss_sum, tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-        with self.accelerator.autocast():
+        device, total = self.accelerator.device, LossTotal(self.accelerator)
+        with scoring(self.accelerator, model) as unwrapped:
             for start in range(0, len(self.pairs), self.batch_size):
                 batch = self.pairs[start:start + self.batch_size]
                 input_ids = padded([inputs.tolist() for inputs, _ in batch], self.pad_id).to(device)
                 labels = padded([targets.tolist() for _, targets in batch], -100).to(device)
-                batch_loss, batch_tokens = token_loss_sum(unwrapped, input_ids, (input_ids != self.pad_id).long(),
-                                                          labels)
-                loss_sum += batch_loss
-                tokens += batch_tokens
-        unwrapped.train(was_training)
-        totals = self.accelerator.reduce(torch.stack([loss_sum, tokens.float()]), "sum")
-        return EvalResult(None, (totals[0] / totals[1].clamp(min=1)).item(), self.total, [])
+                total.add(unwrapped, input_ids, (input_ids != self.pad_id).long(), labels)
+        return EvalResult(None, total.mean(), self.total, [])
 
 
 AnyEvaluator = Evaluator | DenoisingEvaluator

@@ -15,9 +15,10 @@ class DataFeed:
     """Builds the dataset of the objective for the batch settings in force (they change after out-of-memory
     recovery). A sample is a row (seq2seq) or a chunk of packed text (span_corruption)."""
 
-    def __init__(self, cfg, tokenizer, runtime, rank: int, world_size: int):
+    def __init__(self, cfg, tokenizer, runtime, rank: int, world_size: int, counts_files: list | None = None):
+        """`counts_files`: for span corruption, the token counts' files as the main process names them."""
         self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.counts_files = rank, world_size, counts_files
         # The first build of a packed dataset counts the corpus's tokens on the main process (the others wait).
         first = self.dataset(batch_size=1, accumulation=1)
         self.num_samples = first.num_samples
@@ -29,13 +30,16 @@ class DataFeed:
         common = dict(max_seq_len=cfg.max_seq_len, batch_size=batch_size, buffer_size=cfg.dataloader_buffer_size,
                       seed=cfg.seed, rank=self.rank, world_size=self.world_size,
                       ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation,
-                      yield_steps=True, pad_to_multiple_of=8 if cfg.compile else 1)
+                      yield_steps=True)
         if cfg.objective == "span_corruption":
+            # Chunks have one length (but the epoch's last): shapes a compiled model sees already, no padding.
             return PackedTextDataset(split_paths(cfg.train_file), self.tokenizer, text_column=cfg.text_column,
                                      noise_density=cfg.noise_density,
                                      mean_noise_span_length=cfg.mean_noise_span_length,
-                                     counts_dir=counts_dir_of(cfg.output_dir), count_missing=self.rank == 0, **common)
-        return LowMemParquetDataset(split_paths(cfg.train_file), self.tokenizer, **common)
+                                     counts_dir=counts_dir_of(cfg.output_dir), count_missing=self.rank == 0,
+                                     counts_files=self.counts_files, **common)
+        return LowMemParquetDataset(split_paths(cfg.train_file), self.tokenizer,
+                                    pad_to_multiple_of=8 if cfg.compile else 1, **common)
 
     def global_batch_size(self, state) -> int:
         return global_batch_size(state.batch_size_per_gpu, self.world_size, state.gradient_accumulation_steps)

@@ -10,7 +10,7 @@ import shutil
 
 from config import split_paths
 from model.parquet import TEXT_COLUMNS, expand_paths, read_footer
-from model.span_corruption import SENTINEL_COUNT, SpanCorruption, sentinel_ids
+from model.span_corruption import SENTINEL_COUNT, corruption_of, sentinel_ids
 from model.t5 import estimate_parameters
 from training.checkpoint import complete_states
 from training.optim import RECIPES
@@ -63,7 +63,7 @@ def check_tokenizer(cfg, problems: list) -> int | None:
     is, for span corruption, a tokenizer without enough sentinel tokens (a new one gets 100)."""
     from model.tokenizer import has_tokenizer, load_tokenizer
 
-    corruption = SpanCorruption(cfg.noise_density, cfg.mean_noise_span_length)
+    corruption = corruption_of(cfg)
     spans = corruption.spans(corruption.chunk_length(cfg.max_seq_len))
     if has_tokenizer(cfg.tokenizer_dir):
         try:

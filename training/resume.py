@@ -16,6 +16,8 @@ from utils.errors import UserError, UserErrors
 
 log = logging.getLogger("trainer")
 OBJECTIVE_SETTINGS = ("objective", "text_column", "noise_density", "mean_noise_span_length")
+# What cuts packed text into chunks: a data position (a chunk of the epoch) means nothing under other values.
+CHUNK_SETTINGS = ("text_column", "noise_density", "mean_noise_span_length", "max_seq_len")
 
 
 def describe_run(cfg, model_cfg, tokenizer) -> dict:
@@ -70,12 +72,17 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
         cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
     # What the run learns, and from which column, goes on as saved; another objective has other samples (rows,
     # chunks) at another position, and ranks its best models by another metric.
-    cfg = dataclasses.replace(cfg, **{name: saved["train"][name] for name in OBJECTIVE_SETTINGS
-                                      if name not in given and name in saved["train"]})
     saved_objective = saved["train"].get("objective", "seq2seq")
-    if cfg.objective != saved_objective:
-        raise UserError(f"cannot resume, the saved state is incompatible: --objective: the saved run has "
-                        f"{saved_objective!r}, this one {cfg.objective!r}")
+    kept = OBJECTIVE_SETTINGS + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
+    cfg = dataclasses.replace(cfg, **{name: saved["train"][name] for name in kept
+                                      if name not in given and name in saved["train"]})
+    changed = [name for name in ("objective",) + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
+               if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
+    if changed:
+        raise UserErrors([f"cannot resume, the saved state is incompatible: --{name}: the saved run has "
+                          f"{saved['train'][name]!r}, this one {getattr(cfg, name)!r}"
+                          + (" (it cuts the documents into other chunks)" if name != "objective" else "")
+                          for name in changed])
     return cfg, model_cfg
 
 
@@ -102,6 +109,7 @@ def check_resumable(saved: dict, current: dict) -> None:
 def start_fresh(run) -> None:
     """A new run: the schedule spans all its epochs, and no best model or metric line of an older run remains."""
     run.state.schedule_total_steps = run.feed.total_steps(run.state, run.cfg.epochs)
+    run.state.epoch_samples = run.feed.num_samples
     run.best.restore(run.state)
     run.metrics.forget_after(0)
 
@@ -136,6 +144,11 @@ def resume(run) -> None:
                     "(%d of epoch %d)", state.world_size, accelerator.num_processes, state.epoch_sample,
                     state.epoch)
         state.world_size = accelerator.num_processes
+    if state.epoch_samples and state.epoch_samples != run.feed.num_samples:
+        raise UserError(f"--train_file={cfg.train_file}: the saved run's epochs had {state.epoch_samples} "
+                        f"{run.feed.sample_name}, these files give {run.feed.num_samples}; a resume needs the same "
+                        "training data (to train on other data, start a new run with --init_from=<its final/>)")
+    state.epoch_samples = run.feed.num_samples
     reaim(state, cfg.warmup_steps, run.feed.total_steps(state, cfg.epochs))
     run.best.restore(state)
     run.metrics.forget_after(state.global_step)

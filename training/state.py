@@ -13,6 +13,8 @@ class TrainingState:
     """Epoch in progress."""
     epoch_sample: int = 0
     """Global samples of this epoch consumed: the data position, independent of the number of processes."""
+    epoch_samples: int = 0
+    """Samples (rows; chunks of packed text) per epoch: a resume on other data would misread the position."""
     layout_size: int = 0
     """Global batch size when this epoch started; fixes the epoch's data order (see model/dataset.py)."""
     batch_size_per_gpu: int = 0

@@ -84,7 +84,7 @@ def packing(cfg, rows: int, rows_source: str) -> dict | None:
     kept = [counts_path(counts_dir_of(cfg.output_dir), path, cfg.text_column, encoder) for path in paths] \
         if encoder else []
     if kept and all(map(os.path.exists, kept)):
-        tokens = sum(int(RunningTotals(path).before(-1)) for path in kept)
+        tokens = sum(int(RunningTotals(path).before(-1)[0]) for path in kept)
         source = f"token counts kept in {counts_dir_of(cfg.output_dir)}"
     else:
         import pyarrow as pa

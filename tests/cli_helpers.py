@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -104,3 +105,21 @@ def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) 
             assert torch.equal(a[name], b[name]), f"{name} differs"
         else:
             torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"{name} differs")
+
+
+def assert_two_ranks_equal_one_with_double_accumulation(flags_for, steps: int) -> subprocess.CompletedProcess:
+    """Train `steps` steps on 2 torchrun ranks and on 1 rank accumulating 2 micro-batches (`flags_for(name,
+    **overrides)` gives each run's flags): the same losses and weights, but for the order of float sums. Returns
+    the 2-rank run."""
+    common = dict(max_steps=steps, dropout_rate=0.0, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100,
+                  batch_size_per_gpu=4)
+    two_ranks = flags_for("ddp", gradient_accumulation_steps=1, **common)
+    one_rank = flags_for("single", gradient_accumulation_steps=2, **common)
+    result = run_cli("train", two_ranks, nproc=2)
+    run_cli("train", one_rank)
+    losses_2 = [r["loss"] for r in read_metrics(two_ranks["output_dir"], "train")]
+    losses_1 = [r["loss"] for r in read_metrics(one_rank["output_dir"], "train")]
+    assert len(losses_2) == steps and losses_2 == pytest.approx(losses_1, rel=1e-4)
+    assert_same_weights(final_weights(two_ranks["output_dir"]), final_weights(one_rank["output_dir"]), rtol=1e-4,
+                        atol=1e-6)
+    return result

@@ -21,6 +21,7 @@ from model.windows import LABEL_PAD
 from tests.cli_helpers import (
     TINY_MODEL,
     assert_same_weights,
+    assert_two_ranks_equal_one_with_double_accumulation,
     final_weights,
     read_metrics,
     run_cli,
@@ -279,17 +280,9 @@ def test_a_span_corruption_run_stopped_and_resumed_ends_bitwise_equal_to_an_unin
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, text_task):
-    common = dict(max_steps=8, dropout_rate=0.0, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100,
-                  batch_size_per_gpu=4)
-    two_ranks = span_run_flags(tmp_path / "ddp", text_task, gradient_accumulation_steps=1, **common)
-    one_rank = span_run_flags(tmp_path / "single", text_task, gradient_accumulation_steps=2, **common)
-    run_cli("train", two_ranks, nproc=2)  # rank 1 waits for rank 0's token counts
-    run_cli("train", one_rank)
-    losses_2 = [r["loss"] for r in read_metrics(two_ranks["output_dir"], "train")]
-    losses_1 = [r["loss"] for r in read_metrics(one_rank["output_dir"], "train")]
-    assert len(losses_2) == 8 and losses_2 == pytest.approx(losses_1, rel=1e-4)
-    assert_same_weights(final_weights(two_ranks["output_dir"]), final_weights(one_rank["output_dir"]), rtol=1e-4,
-                        atol=1e-6)
+    # (On 2 ranks, rank 1 waits for the token counts rank 0 writes.)
+    assert_two_ranks_equal_one_with_double_accumulation(
+        lambda name, **overrides: span_run_flags(tmp_path / name, text_task, **overrides), steps=8)
 
 
 def pairs_file(tmp_path) -> str:

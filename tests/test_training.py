@@ -5,7 +5,14 @@ import os
 
 import pytest
 
-from tests.cli_helpers import assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
+from tests.cli_helpers import (
+    assert_same_weights,
+    assert_two_ranks_equal_one_with_double_accumulation,
+    final_weights,
+    read_metrics,
+    run_cli,
+    tiny_run_flags,
+)
 from training.schedule import lr_factor
 
 pytestmark = pytest.mark.slow
@@ -53,17 +60,8 @@ def test_accumulation_equals_a_batch_twice_as_large(tmp_path, task):
 
 def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, task):
     data, tokenizer_dir = task
-    common = dict(max_steps=10, dropout_rate=0.0, eval_max_samples=0, keep_latest_n_ckp=0, save_steps=100,
-                  batch_size_per_gpu=4)
-    two_ranks = tiny_run_flags(tmp_path / "ddp", tokenizer_dir, data, gradient_accumulation_steps=1, **common)
-    one_rank = tiny_run_flags(tmp_path / "single", tokenizer_dir, data, gradient_accumulation_steps=2, **common)
-    result = run_cli("train", two_ranks, nproc=2)
-    run_cli("train", one_rank)
-    losses_2 = [r["loss"] for r in read_metrics(two_ranks["output_dir"], "train")]
-    losses_1 = [r["loss"] for r in read_metrics(one_rank["output_dir"], "train")]
-    assert len(losses_2) == 10 and losses_2 == pytest.approx(losses_1, rel=1e-4)
-    assert_same_weights(final_weights(two_ranks["output_dir"]), final_weights(one_rank["output_dir"]), rtol=1e-4,
-                        atol=1e-6)
+    result = assert_two_ranks_equal_one_with_double_accumulation(
+        lambda name, **overrides: tiny_run_flags(tmp_path / name, tokenizer_dir, data, **overrides), steps=10)
     # Only the main process logs: one line per logging step, not one per rank.
     assert result.stdout.count("step 10/") == 1
 

@@ -14,11 +14,11 @@ import math
 import os
 
 import numpy as np
-import pyarrow.compute as pc
 
 from model.dataset import shared_encoder, tokenize
 from model.span_corruption import SpanCorruption, sentinel_ids
-from model.token_counts import RunningTotals, counts_path, ensure_counts
+from model.parquet import open_parquet, read_batches, read_footer
+from model.token_counts import RunningTotals, counts_path, documents, ensure_counts
 from model.windows import MicroBatch, Ragged, WindowedStream
 from utils.errors import UnreadableData, UserError
 
@@ -51,44 +51,46 @@ class PackedTextDataset(WindowedStream):
                                         for path in self._paths]
         self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text_column, self._encoder,
                                                                        counts_files, count_missing)]
-        first, end = self._rg_first_row, self._rg_first_row + self._rg_rows
-        self._rg_tokens = np.array([self._tokens_in(g, int(a), int(b)) for g, (a, b) in enumerate(zip(first, end))],
-                                   dtype=np.int64)
+        for totals, rows in zip(self._totals, self._file_rows):
+            if len(totals) != rows + 1:
+                raise UserError(f"{totals.file}: token counts of another file; delete it to count again")
+        # Tokens of its file before each row group, and in it: the only counts a window's start needs besides its own.
+        self._rg_before = self._tokens_before(np.arange(len(self._rg_rows)), self._rg_first_row)
+        self._rg_tokens = self._tokens_before(np.arange(len(self._rg_rows)), self._rg_first_row + self._rg_rows) \
+            - self._rg_before
         self.num_tokens = int(self._rg_tokens.sum())
         if self.num_tokens == 0:
             raise UserError(f"{', '.join(self._paths)}: no text in column '{text_column}' (every value null or empty)")
         self.num_samples = math.ceil(self.num_tokens / self.chunk_length)
         self._starts_cache = None
 
-    def _tokens_in(self, global_rg: int, first_row: int, end_row: int) -> int:
-        """Tokens of rows [first_row, end_row) of the row group's file."""
-        totals = self._totals[self._rg_file[global_rg]]
-        if len(totals) != self._file_rows[self._rg_file[global_rg]] + 1:
-            raise UserError(f"{totals.file}: token counts of another file; delete it to count again")
-        before = totals.before([first_row, end_row])
-        return int(before[1] - before[0])
+    def _tokens_before(self, row_groups: np.ndarray, file_rows: np.ndarray) -> np.ndarray:
+        """Tokens of each row group's file before row `file_rows` of that file: one read of each file's counts."""
+        files = self._rg_file[row_groups]
+        tokens = np.empty(len(row_groups), dtype=np.int64)
+        for f in np.unique(files):
+            tokens[files == f] = self._totals[f].before(file_rows[files == f])
+        return tokens
 
     def window_starts(self, epoch: int) -> np.ndarray:
         """Where each window of the epoch starts in its token stream (and, last, the stream's length)."""
         if self._starts_cache is None or self._starts_cache[0] != epoch:
             order, ends = self._epoch_order(epoch)
-            before_rg = np.r_[0, np.cumsum(self._rg_tokens[order])]
-            starts = []
-            for row in np.minimum(np.arange(self.num_windows + 1) * self.buffer_size, self.num_rows):
-                k = int(np.searchsorted(ends, row, side="right"))
-                if k == len(order):
-                    starts.append(int(before_rg[-1]))
-                    continue
-                g, offset = int(order[k]), int(row - (ends[k] - self._rg_rows[order[k]]))
-                first = int(self._rg_first_row[g])
-                starts.append(int(before_rg[k]) + self._tokens_in(g, first, first + offset))
-            self._starts_cache = (epoch, np.array(starts, dtype=np.int64))
+            before_rg = np.r_[0, np.cumsum(self._rg_tokens[order])]  # tokens of the epoch before its k-th row group
+            rows = np.minimum(np.arange(self.num_windows + 1) * self.buffer_size, self.num_rows)
+            k = np.searchsorted(ends, rows, side="right")  # the row group of the epoch each window starts in
+            starts = np.full(len(rows), before_rg[-1], dtype=np.int64)  # (the last entry: the stream's end)
+            inside = k < len(order)
+            groups = order[k[inside]]
+            offsets = rows[inside] - (ends[k[inside]] - self._rg_rows[groups])  # rows of the group before the window
+            starts[inside] = before_rg[k[inside]] + self._tokens_before(
+                groups, self._rg_first_row[groups] + offsets) - self._rg_before[groups]
+            self._starts_cache = (epoch, starts)
         return self._starts_cache[1]
 
     def _window(self, epoch: int, window: int, layout_size: int) -> np.ndarray:
         """The window's documents, shuffled, as one token stream (each document ends in [EOS])."""
-        texts = pc.fill_null(self._read_window_rows(epoch, window)[self.columns[0]], "")
-        texts = texts.filter(pc.greater(pc.utf8_length(texts), 0))
+        texts = documents(self._read_window_rows(epoch, window)[self.columns[0]])
         order = np.random.default_rng([self.seed, epoch, window]).permutation(len(texts))
         tokens = tokenize(self._encoder, texts.take(order)).flat
         starts = self.window_starts(epoch)
@@ -140,17 +142,12 @@ def mask_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def leading_chunks(path: str, column: str, tokenizer, chunk_length: int, max_chunks: int) -> list[np.ndarray]:
     """The first `max_chunks` chunks of a file's documents packed in file order (evaluation's fixed sample)."""
-    from model.parquet import open_parquet, read_batches, read_footer
-
     read_footer(path, (column,))
     encoder = shared_encoder(tokenizer, None)
     pieces, held = [], 0
     for batch in read_batches(open_parquet(path), path, [column]):
-        texts = pc.fill_null(batch.column(0), "")
-        texts = texts.filter(pc.greater(pc.utf8_length(texts), 0)).to_pylist()
-        for encoding in encoder.encode_batch_fast(texts) if texts else []:
-            pieces.append(np.asarray(encoding.ids, dtype=np.int32))
-            held += len(encoding.ids)
+        pieces.append(tokenize(encoder, documents(batch.column(0))).flat)
+        held += len(pieces[-1])
         if held >= max_chunks * chunk_length:
             break
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)

@@ -31,12 +31,21 @@ def counts_path(counts_dir: str, path: str, column: str, encoder) -> str:
     return os.path.join(counts_dir, hashlib.sha256(identity.encode()).hexdigest()[:24] + ".int64")
 
 
+def is_document(texts) -> pa.Array:
+    """Which texts are documents: a null or empty text is none (it holds no token, not even [EOS])."""
+    return pc.fill_null(pc.greater(pc.utf8_length(texts), 0), False)
+
+
+def documents(texts) -> pa.Array:
+    """The texts that are documents, in their order."""
+    return texts.filter(is_document(texts))
+
+
 def document_lengths(encoder, texts) -> np.ndarray:
-    """Tokens of each text, [EOS] included; a null or empty text is no document (0)."""
-    texts = pc.fill_null(texts, "")
-    present = pc.greater(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False)
+    """Tokens of each text, [EOS] included; 0 for a text that is no document."""
+    present = is_document(texts).to_numpy(zero_copy_only=False)
     lengths = np.zeros(len(texts), dtype=np.int64)
-    kept = texts.filter(pa.array(present)).to_pylist()
+    kept = documents(texts).to_pylist()
     lengths[present] = [len(encoding) for encoding in encoder.encode_batch_fast(kept)] if kept else []
     return lengths
 

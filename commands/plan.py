@@ -71,18 +71,19 @@ def packing(cfg, rows: int, rows_source: str) -> dict | None:
     from model.packed_text import counts_dir_of
     from model.parquet import expand_paths, first_usable_rows
     from model.span_corruption import corruption_of
-    from model.token_counts import RunningTotals, counts_path, document_lengths
+    from model.token_counts import RunningTotals, document_lengths
     from model.tokenizer import has_tokenizer, load_tokenizer
+    from training.feed import token_counts_files
 
     corruption = corruption_of(cfg)
     length = corruption.chunk_length(cfg.max_seq_len)
-    encoder = shared_encoder(load_tokenizer(cfg.tokenizer_dir), None) if has_tokenizer(cfg.tokenizer_dir) else None
+    tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer(cfg.tokenizer_dir) else None
     if rows_source == "--num_samples":
         raise UserError("--num_samples with --objective=span_corruption: the chunks depend on the documents' "
                         "tokens; plan with a readable --train_file")
     paths = expand_paths(split_paths(cfg.train_file))
-    kept = [counts_path(counts_dir_of(cfg.output_dir), path, cfg.text_column, encoder) for path in paths] \
-        if encoder else []
+    kept = token_counts_files(cfg, tokenizer) if tokenizer else []
+    encoder = shared_encoder(tokenizer, None) if tokenizer else None
     if kept and all(map(os.path.exists, kept)):
         tokens = sum(int(RunningTotals(path).before(-1)[0]) for path in kept)
         source = f"token counts kept in {counts_dir_of(cfg.output_dir)}"

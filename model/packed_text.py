@@ -18,7 +18,7 @@ import numpy as np
 from model.dataset import shared_encoder, tokenize
 from model.span_corruption import SpanCorruption, sentinel_ids
 from model.parquet import open_parquet, read_batches, read_footer
-from model.token_counts import RunningTotals, counts_path, documents, ensure_counts
+from model.token_counts import RunningTotals, counts_paths, documents, ensure_counts
 from model.windows import MicroBatch, Ragged, WindowedStream
 from utils.errors import UnreadableData, UserError
 
@@ -47,8 +47,7 @@ class PackedTextDataset(WindowedStream):
         self._sentinels = sentinel_ids(tokenizer, self.corruption.spans(self.chunk_length), self.max_seq_len)
         self._encoder = shared_encoder(tokenizer, None)
         self._pad_id, self._eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        counts_files = counts_files or [counts_path(counts_dir, path, text_column, self._encoder)
-                                        for path in self._paths]
+        counts_files = counts_files or counts_paths(counts_dir, self._paths, text_column, self._encoder)
         self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text_column, self._encoder,
                                                                        counts_files, count_missing)]
         for totals, rows in zip(self._totals, self._file_rows):
@@ -71,6 +70,12 @@ class PackedTextDataset(WindowedStream):
         for f in np.unique(files):
             tokens[files == f] = self._totals[f].before(file_rows[files == f])
         return tokens
+
+    def describe(self) -> str:
+        length, corruption = self.chunk_length, self.corruption
+        return (f"{self.num_rows} documents, {self.num_tokens} tokens packed into {self.num_samples} chunks of "
+                f"{length} (inputs of {corruption.input_length(length)} tokens, targets of "
+                f"{corruption.target_length(length)})")
 
     def window_starts(self, epoch: int) -> np.ndarray:
         """Where each window of the epoch starts in its token stream (and, last, the stream's length)."""

@@ -23,12 +23,16 @@ log = logging.getLogger("trainer")
 WAIT_SECONDS = 1.0
 
 
-def counts_path(counts_dir: str, path: str, column: str, encoder) -> str:
-    """Where the counts of `path`'s `column` under `encoder` live: a name that changes with any of them."""
-    stat = os.stat(path)
-    identity = "|".join((os.path.realpath(path), str(stat.st_size), str(stat.st_mtime_ns), column,
-                         hashlib.sha256(encoder.to_str().encode()).hexdigest()))
-    return os.path.join(counts_dir, hashlib.sha256(identity.encode()).hexdigest()[:24] + ".int64")
+def counts_paths(counts_dir: str, paths: list, column: str, encoder) -> list[str]:
+    """Where the counts of each file's `column` under `encoder` live: names that change with any of them."""
+    tokenizer = hashlib.sha256(encoder.to_str().encode()).hexdigest()
+
+    def name(path: str) -> str:
+        stat = os.stat(path)
+        identity = "|".join((os.path.realpath(path), str(stat.st_size), str(stat.st_mtime_ns), column, tokenizer))
+        return os.path.join(counts_dir, hashlib.sha256(identity.encode()).hexdigest()[:24] + ".int64")
+
+    return [name(path) for path in paths]
 
 
 def is_document(texts) -> pa.Array:
@@ -72,7 +76,7 @@ def count_tokens(path: str, column: str, encoder, destination: str) -> int:
 
 
 def ensure_counts(paths: list, column: str, encoder, wanted: list, is_counter: bool = True) -> list[str]:
-    """The counts files `wanted` of `paths` (see `counts_path`), counting those missing. Only the counter (the main
+    """The counts files `wanted` of `paths` (see `counts_paths`), counting those missing. Only the counter (the main
     process) counts; the other processes wait for its files, so a corpus is tokenized once, not once per process.
     Give every process the main process's names: on another machine the files' paths or times may differ."""
     missing = [(path, counts) for path, counts in zip(paths, wanted) if not os.path.exists(counts)]

@@ -217,6 +217,10 @@ class WindowedStream(IterableDataset):
     def global_batch_size(self) -> int:
         return global_batch_size(self.batch_size, self.world_size, self.gradient_accumulation_steps)
 
+    def describe(self) -> str:
+        """The data in a few words, for the run's log."""
+        return f"{self.num_rows} rows"
+
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.num_samples, self.global_batch_size)

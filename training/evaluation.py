@@ -13,6 +13,7 @@ from model.loss import padded, token_loss_sum
 from model.packed_text import EVAL_STREAM, leading_chunks, mask_generator
 from model.parquet import first_usable_rows
 from model.span_corruption import corruption_of, sentinel_ids
+from model.windows import MicroBatch, Ragged
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -136,10 +137,10 @@ class DenoisingEvaluator:
         device, total = self.accelerator.device, LossTotal(self.accelerator)
         with scoring(self.accelerator, model) as unwrapped:
             for start in range(0, len(self.pairs), self.batch_size):
-                batch = self.pairs[start:start + self.batch_size]
-                input_ids = padded([inputs.tolist() for inputs, _ in batch], self.pad_id).to(device)
-                labels = padded([targets.tolist() for _, targets in batch], -100).to(device)
-                total.add(unwrapped, input_ids, (input_ids != self.pad_id).long(), labels)
+                pairs = self.pairs[start:start + self.batch_size]
+                batch = MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
+                                          Ragged.from_lists([targets for _, targets in pairs]), self.pad_id).to(device)
+                total.add(unwrapped, batch.input_ids, batch.attention_mask, batch.labels)
         return EvalResult(None, total.mean(), self.total, [])
 
 

@@ -6,8 +6,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import split_paths
-from model.dataset import LowMemParquetDataset, StepBatch, global_batch_size, steps_per_epoch
+from model.dataset import LowMemParquetDataset, StepBatch, global_batch_size, shared_encoder, steps_per_epoch
 from model.packed_text import PackedTextDataset, counts_dir_of
+from model.parquet import expand_paths
+from model.token_counts import counts_paths
 from training.signals import ignore_stop_signals
 
 
@@ -23,7 +25,7 @@ class DataFeed:
         first = self.dataset(batch_size=1, accumulation=1)
         self.num_samples = first.num_samples
         self.sample_name = first.sample_name
-        self.description = describe_data(first)
+        self.description = first.describe()
 
     def dataset(self, batch_size: int, accumulation: int):
         cfg = self.cfg
@@ -80,13 +82,12 @@ class DataFeed:
             yield step
 
 
-def describe_data(dataset) -> str:
-    if isinstance(dataset, PackedTextDataset):
-        corruption = dataset.corruption
-        return (f"{dataset.num_rows} documents, {dataset.num_tokens} tokens packed into {dataset.num_samples} chunks "
-                f"of {dataset.chunk_length} (inputs of {corruption.input_length(dataset.chunk_length)} tokens, "
-                f"targets of {corruption.target_length(dataset.chunk_length)})")
-    return f"{dataset.num_rows} rows"
+def token_counts_files(cfg, tokenizer) -> list | None:
+    """Span corruption: where a run keeps (or will write) its training files' token counts; None for seq2seq."""
+    if cfg.objective != "span_corruption":
+        return None
+    return counts_paths(counts_dir_of(cfg.output_dir), expand_paths(split_paths(cfg.train_file)), cfg.text_column,
+                        shared_encoder(tokenizer, None))
 
 
 _END = object()

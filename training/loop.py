@@ -112,7 +112,7 @@ def evaluate(run: Run) -> None:
         for prompt, reference, generation in result.examples:
             log.info("example | prompt: %s | reference: %s | generated: %s", prompt[:80], reference[:80],
                      generation[:80])
-        score = result.eval_loss if run.best.metric == "eval_loss" else result.bleu4
+        score = getattr(result, run.best.metric)  # the EvalResult field the best models are ranked by
         if run.best.keep and run.best.consider(run.model, state, score):
             log.info("step %d entered the best %d (%s %.4f)", state.global_step, run.best.keep, run.best.metric,
                      score)

@@ -15,7 +15,6 @@ from utils.distributed import decided_by_main
 from utils.errors import UserError, UserErrors
 
 log = logging.getLogger("trainer")
-OBJECTIVE_SETTINGS = ("objective", "text_column", "noise_density", "mean_noise_span_length")
 # What cuts packed text into chunks: a data position (a chunk of the epoch) means nothing under other values.
 CHUNK_SETTINGS = ("text_column", "noise_density", "mean_noise_span_length", "max_seq_len")
 
@@ -70,14 +69,13 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
                             f"--tokenizer_dir=<a copy of it>, e.g. {os.path.join(cfg.output_dir, 'final')}")
     if "freeze" not in given:  # the optimizer's state holds the tensors that trained: the same must train on
         cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
-    # What the run learns, and from which column, goes on as saved; another objective has other samples (rows,
-    # chunks) at another position, and ranks its best models by another metric.
+    # What the run learns goes on as saved, and for packed text how it is cut into chunks: another objective has
+    # other samples (rows, chunks) at another position, and ranks its best models by another metric.
     saved_objective = saved["train"].get("objective", "seq2seq")
-    kept = OBJECTIVE_SETTINGS + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
+    kept = ("objective",) + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
     cfg = dataclasses.replace(cfg, **{name: saved["train"][name] for name in kept
                                       if name not in given and name in saved["train"]})
-    changed = [name for name in ("objective",) + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
-               if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
+    changed = [name for name in kept if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
     if changed:
         raise UserErrors([f"cannot resume, the saved state is incompatible: --{name}: the saved run has "
                           f"{saved['train'][name]!r}, this one {getattr(cfg, name)!r}"

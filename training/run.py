@@ -14,16 +14,12 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from config import TrainConfig, changed_fields, split_paths, with_resolved_paths
-from model.dataset import shared_encoder
-from model.packed_text import counts_dir_of
-from model.parquet import expand_paths
 from model.t5 import FROZEN_MODULES, build_model, count_parameters, freeze, load_model
-from model.token_counts import counts_path
 from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from training.best_models import BestModels
 from training.checkpoint import Checkpointer
 from training.evaluation import AnyEvaluator, build_evaluator
-from training.feed import DataFeed
+from training.feed import DataFeed, token_counts_files
 from training.init_from import resolved_freeze
 from training.memory import MemoryHygiene
 from training.optim import RECIPES, build_optimizer
@@ -68,14 +64,6 @@ def ensure_tokenizer(cfg, accelerator):
                         text_column=cfg.text_column if cfg.objective == "span_corruption" else None)
     accelerator.wait_for_everyone()
     return load_tokenizer(cfg.tokenizer_dir)
-
-
-def token_counts_files(cfg, tokenizer) -> list | None:
-    """Span corruption: where the main process keeps (or will write) the training files' token counts."""
-    if cfg.objective != "span_corruption":
-        return None
-    return [counts_path(counts_dir_of(cfg.output_dir), path, cfg.text_column, shared_encoder(tokenizer, None))
-            for path in expand_paths(split_paths(cfg.train_file))]
 
 
 def check_output_dir_is_shared(accelerator, output_dir: str) -> None:

@@ -39,11 +39,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def distinct_rows(count: int, seed: int) -> pa.Table:
+def distinct_rows(count: int, seed: int, prompt_chars=(8, 30), response_chars=(20, 60)) -> pa.Table:
+    """Rows of random common characters, of lengths drawn from the given ranges."""
     rng = random.Random(seed)
     text = lambda low, high: "".join(rng.choices(COMMON_CHARACTERS, k=rng.randint(low, high)))  # noqa: E731
-    return pa.table({"prompt": [text(8, 30) + "？" for _ in range(count)],
-                     "response": [text(20, 60) + "。" for _ in range(count)]})
+    return pa.table({"prompt": [text(*prompt_chars) + "？" for _ in range(count)],
+                     "response": [text(*response_chars) + "。" for _ in range(count)]})
 
 
 def slope(points: list[tuple[float, float]]) -> float:

@@ -134,7 +134,7 @@ def held_out_batches(tokenizer, args) -> list[MicroBatch]:
     batches = []
     for start in range(0, len(prompt_ids), 100):
         input_ids = padded(prompt_ids[start:start + 100], tokenizer.pad_token_id)
-        batches.append(MicroBatch(input_ids, (input_ids != tokenizer.pad_token_id).long(),
+        batches.append(MicroBatch.of(input_ids, (input_ids != tokenizer.pad_token_id).long(),
                                   padded(response_ids[start:start + 100], -100)))
     return batches
 

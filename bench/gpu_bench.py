@@ -135,7 +135,7 @@ def large_config_step(model_cfg, vocab_size: int, output_dir: str, compile: bool
 def make_bundle(args, batch: int, pin: bool) -> StepBatch:
     """One optimizer step of full-length random rows, as the DataFeed yields them."""
     generator = torch.Generator().manual_seed(batch)
-    rows = MicroBatch(torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=generator),
+    rows = MicroBatch.of(torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=generator),
                       torch.ones(batch, args.prompt_len, dtype=torch.long),
                       torch.randint(3, args.vocab_size, (batch, args.response_len), generator=generator))
     step = StepBatch([rows], epoch=0, end_sample=batch, step_tokens=batch * args.response_len, skipped=0)

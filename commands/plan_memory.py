@@ -46,6 +46,10 @@ _VOCAB_SAVED, _VOCAB_BACKWARD = 4, 8
 # attention keeps at the peak, fitted to the probe with and without `EfficientAttention` (within 0.3% for the
 # guide's model at its length): the coefficients above count the CPU's path.
 _CPU_ONLY_ATTENTION_BYTES = {"fp32": 10.6, "16-bit": 13.3}
+# Bytes per element of the masks CUDA's kernel keeps when a row is padded: the position bias expanded to every row
+# (rows x heads x query x key, in the encoder's attentions and the decoder's cross-attentions), in the kernel's
+# input type; fitted to the probe (which the CPU's path already counts among its scores).
+_PADDING_MASK_BYTES = {"fp32": 3.93, "16-bit": 1.96}
 
 
 def autocast_dtype_name(mixed_precision: str) -> str | None:
@@ -83,7 +87,9 @@ class AnalyticActivations:
         total = coefficients["weight_copy"] * self.parameters + token_bytes * rows
         if self.cuda_attention:
             scores = cfg.num_layers * seq_len**2 + cfg.num_decoder_layers * (target**2 + target * seq_len)
-            total -= _CPU_ONLY_ATTENTION_BYTES[self.precision] * rows * cfg.num_heads * scores
+            masked = cfg.num_layers * seq_len**2 + cfg.num_decoder_layers * target * seq_len
+            total -= rows * cfg.num_heads * (_CPU_ONLY_ATTENTION_BYTES[self.precision] * scores
+                                             - _PADDING_MASK_BYTES[self.precision] * masked)
         return round(total)
 
 
@@ -157,7 +163,9 @@ def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None,
                     cuda_attention: bool = False, target_len: int | None = None) -> int:
     """Peak bytes allocated by one forward and backward pass of `model` on `rows` rows of `seq_len` input tokens
-    and `target_len` (default: `seq_len`) target tokens.
+    and `target_len` (default: `seq_len`) target tokens, with an attention mask: the worst case, a batch with a
+    padded row (T5 then expands its position bias into a mask for every row, in the encoder's attentions and the
+    decoder's cross-attentions; without padding no mask is passed).
 
     With `fake_mode` (the FakeTensorMode the model was built in) nothing is computed; without it the step runs
     for real on the CPU, which is how the tests check the fake figure. `cuda_attention` models the attention
@@ -177,9 +185,7 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
                                                 efficient_attention) if cuda_attention else contextlib.nullcontext())
         with tracker, attention:
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
-                # No attention mask: transformers asks a mask whether it is all ones, which fake tensors cannot
-                # answer; the mask itself is rows x seq_len integers, nothing next to the activations.
-                loss, _ = token_loss_sum(model, tokens, None, targets)
+                loss, _ = token_loss_sum(model, tokens, torch.ones(rows, seq_len, dtype=torch.long), targets)
             loss.backward()
     for hook in hooks:
         hook.remove()

@@ -15,7 +15,7 @@ step it resumes at.
 import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -45,32 +45,43 @@ class MicroBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    real_tokens: int
+    """Input and target tokens, padding not counted: known when the batch is built, so that a training step never
+    reads it back from the device."""
+    input_padding: bool
+    """Whether an input row is padded. Without padding the model needs no attention mask (and T5 then adds its
+    position bias without expanding it to every row)."""
+
+    TENSORS = ("input_ids", "attention_mask", "labels")
 
     def to(self, device, non_blocking: bool = False) -> "MicroBatch":
-        return MicroBatch(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking)
+                                for name in self.TENSORS})
 
     def pin_memory(self) -> "MicroBatch":  # DataLoader(pin_memory=True) calls this
-        return MicroBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in self.TENSORS})
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in self.TENSORS}
 
-    @property
-    def real_tokens(self) -> int:
-        """Input and target tokens, padding not counted."""
-        return int(self.attention_mask.sum()) + int((self.labels != LABEL_PAD).sum())
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> "MicroBatch":
+        """A batch of tensors made elsewhere (benchmarks, tests); its real tokens counted from them."""
+        return cls(input_ids, attention_mask, labels, int(attention_mask.sum()) + int((labels != LABEL_PAD).sum()),
+                   not bool(attention_mask.all()))
 
     @classmethod
     def padded(cls, inputs: "Ragged", targets: "Ragged", pad_id: int, multiple: int = 1) -> "MicroBatch":
         """Rows of input and target ids, right-padded (each to a width that is a multiple of `multiple`)."""
         input_ids, attention = inputs.padded(pad_id, multiple)
         labels, _ = targets.padded(LABEL_PAD, multiple)
-        return cls(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)), torch.from_numpy(labels))
+        return cls(torch.from_numpy(input_ids), torch.from_numpy(attention.astype(np.int64)), torch.from_numpy(labels),
+                   int(inputs.lengths.sum() + targets.lengths.sum()), bool(not attention.all()))
 
     @classmethod
     def placeholder(cls, eos_id: int) -> "MicroBatch":
         """A row that trains no token: a tail step with fewer samples than micro-batches keeps ranks in step."""
-        return cls(torch.tensor([[eos_id]]), torch.tensor([[1]]), torch.tensor([[LABEL_PAD]]))
+        return cls(torch.tensor([[eos_id]]), torch.tensor([[1]]), torch.tensor([[LABEL_PAD]]), 1, False)
 
 
 @dataclass

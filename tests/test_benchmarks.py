@@ -103,20 +103,49 @@ def test_bench_export_compares_transformers_with_ctranslate2_fp32_and_int8_on_tw
     assert [row[3] for row in rows[6:]] == ["32"] * 3 + ["8"] * 3
 
 
-def test_gpu_check_runs_its_smoke_version_on_cpu_and_writes_one_json_report(tmp_path):
-    shared_file("sample_train_3k.parquet")
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--steps", "6", "--out", str(tmp_path)], cwd=REPO,
-                            env=child_env(), capture_output=True, text=True, timeout=600)
+def test_gpu_check_runs_on_a_python_without_fire_termcolor_and_nltk_from_wheels_installed_offline(tmp_path):
+    """As on a fresh clone on an offline GPU box: no ../shared is read, and the packages such images lack come from
+    the wheels gpu_wheels.sh downloaded elsewhere (here they are hidden from this interpreter by a sitecustomize)."""
+    wheels = tmp_path / "wheels"
+    download = subprocess.run(["bash", "bench/gpu_wheels.sh", str(wheels)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    if download.returncode != 0:
+        pytest.skip(f"no package index to download the wheels from: {download.stderr[-300:]}")
+    assert sorted(path.name.split("-")[0] for path in wheels.glob("*.whl")) == ["fire", "nltk", "termcolor"]
+    env = child_env(PYTHONPATH=f"{REPO}/tests/without_extras:{REPO}", TMPDIR=str(tmp_path))
+    command = ["bash", "bench/gpu_check.sh", "--smoke", "--steps", "6", "--out", str(tmp_path)]
+    without = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert without.returncode == 2 and "error: these packages do not import here: fire termcolor nltk" in \
+        without.stderr and "bash bench/gpu_wheels.sh DIR" in without.stderr
+    result = subprocess.run(command + ["--wheels", str(wheels)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=1500)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "NOT GPU figures" in result.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    eager, compiled = report["step"]
+    assert report["versions"]["installed_from_wheels"] == "fire termcolor nltk"
+    assert not [name for name, part in report.items() if isinstance(part, dict) and "error" in part], report
+    eager, compiled = report["step_eager"], report["step_compiled"]
     assert (eager["compile"], compiled["compile"]) == (False, True)
     assert eager["samples_per_s"] > 0 and compiled["samples_per_s"] > 0
-    run = report["end_to_end"]
-    assert (run["train_exit"], run["resume_exit"]) == (0, 0), run
-    assert run["resumed_from_step"] == 6 and run["steps_logged"] == [9]
-    assert [step for step, _ in run["evaluations"]] == [3, 6, 9] and len(run["best_models"]) == 2
+    train, resumed = report["train"], report["resume"]
+    assert (train["exit"], resumed["exit"]) == (0, 0)
+    assert resumed["resumed_from_step"] == 6 and resumed["steps_logged"] == [9]
+    assert [step for step, _ in resumed["evaluations"]] == [3, 6, 9] and len(resumed["best_models"]) == 2
+    assert list(report["seconds"]) == ["versions", "data", "step_eager", "step_compiled", "train", "resume",
+                                       "out_of_memory"]
+
+
+def test_gpu_check_writes_its_report_after_every_part_so_a_part_out_of_time_costs_only_its_own(tmp_path):
+    """A part that runs past its limit is recorded as such, and the parts before it keep their figures (here the
+    smoke run's data part gets 0.1 s, through the module's own table of limits)."""
+    script = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {REPO + '/bench'!r}]; import gpu_check; "
+              "gpu_check.PARTS[1] = gpu_check.Part('data', 1, 0.1); sys.argv = ['gpu_check.py', '--smoke', "
+              f"'--only', 'versions,data', '--out', {str(tmp_path)!r}]; gpu_check.main()")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["versions"]["torch"] and report["data"]["error"] == "timed out after its limit of 0.1 s"
 
 
 def test_gpu_bench_runs_its_cpu_smoke_version_and_says_it_is_not_gpu_figures():

@@ -10,7 +10,8 @@ from config import T5ModelConfig
 from model.t5 import build_model
 from model.tokenizer import load_tokenizer
 from tests.cli_helpers import TINY_MODEL, assert_same_weights, final_weights, read_metrics, run_cli, tiny_run_flags
-from training.optim import RECIPES, RelativeAdafactor
+from training.adafactor import RelativeAdafactor
+from training.optim import RECIPES
 
 OPTIMIZERS = sorted(RECIPES)
 # Real Chinese Q&A rows, a tokenizer trained on the task data (it covers them byte by byte), a few dozen steps.

@@ -31,7 +31,8 @@ from tests.cli_helpers import (
     tiny_run_flags,
     trained_tiny_run,
 )
-from tests.patched_cli import OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK
+from tests.patched_cli import (EVAL_OOM_FROM_ROWS, OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, OOM_IN_CLIPPING_AT_STEP,
+                               OOM_IN_FORWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK)
 from training.checkpoint import BEST_DIR, STATE_DIR, complete_states
 from training.signals import StopSignals
 from utils.atomic import TMP_PREFIX
@@ -458,6 +459,47 @@ def test_simulated_oom_halves_the_micro_batch_and_matches_a_run_started_that_way
                       entry=PATCHED_ENTRY)
     assert "keeping batch_size_per_gpu=4, gradient_accumulation_steps=2" in resumed.stdout
     assert "retrying" not in resumed.stdout
+
+
+def test_out_of_memory_in_one_ranks_forward_is_recovered_by_both_ranks_as_by_one(tmp_path, task):
+    """Rank 1 runs out of memory in its last micro-batch's forward; it joins rank 0's gradient all-reduce with a
+    stand-in batch, both learn it from the step's one transfer, drop the attempt, and halve their micro-batches."""
+    data, tokenizer_dir = task
+    common = dict(max_steps=6, save_steps=100, eval_max_samples=0, keep_latest_n_ckp=0, dropout_rate=0.0)
+    recovered = tiny_run_flags(tmp_path / "recovered", tokenizer_dir, data, batch_size_per_gpu=8,
+                               gradient_accumulation_steps=1, **common)
+    halved = tiny_run_flags(tmp_path / "halved", tokenizer_dir, data, batch_size_per_gpu=4,
+                            gradient_accumulation_steps=2, **common)
+    result = run_cli("train", recovered, nproc=2, env={OOM_FROM_ROWS: 5, OOM_IN_FORWARD_ON_RANK: 1},
+                     entry=PATCHED_ENTRY)
+    assert result.stdout.count("retrying with batch_size_per_gpu=4, gradient_accumulation_steps=2") == 1
+    run_cli("train", halved, nproc=2)
+    assert_same_weights(final_weights(recovered["output_dir"]), final_weights(halved["output_dir"]), rtol=1e-5,
+                        atol=1e-7)
+
+
+def test_out_of_memory_while_clipping_is_recovered_like_any_other_in_the_step(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=8, max_steps=6, save_steps=100,
+                           eval_max_samples=0, keep_latest_n_ckp=0)
+    result = run_cli("train", flags, env={OOM_IN_CLIPPING_AT_STEP: 3}, entry=PATCHED_ENTRY)
+    assert "out of GPU memory at step 3: retrying with batch_size_per_gpu=4, gradient_accumulation_steps=2" in \
+        result.stdout
+    assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_evaluation_out_of_memory_halves_its_batch_and_scores_every_row_alike(tmp_path, task):
+    data, tokenizer_dir = task
+    common = dict(max_steps=4, save_steps=2, eval_max_samples=32, keep_latest_n_ckp=1, dropout_rate=0.0)
+    halving = tiny_run_flags(tmp_path / "halving", tokenizer_dir, data, eval_batch_size=16, **common)
+    result = run_cli("train", halving, env={EVAL_OOM_FROM_ROWS: 9}, entry=PATCHED_ENTRY)
+    assert result.stdout.count("evaluation ran out of GPU memory with a batch of 16 rows: going on with batches "
+                               "of 8") == 1
+    small = tiny_run_flags(tmp_path / "small", tokenizer_dir, data, eval_batch_size=8, **common)
+    run_cli("train", small)
+    ours, theirs = read_metrics(halving["output_dir"], "eval"), read_metrics(small["output_dir"], "eval")
+    assert [(r["step"], r["bleu4"]) for r in ours] == [(r["step"], r["bleu4"]) for r in theirs] and len(ours) == 2
+    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in theirs], rel=1e-6)
 
 
 def test_out_of_memory_at_batch_1_stops_with_advice(tmp_path, task):

@@ -29,7 +29,7 @@ def test_on_a_gpu_machine_with_ample_ram_auto_means_workers_pinned_memory_and_bf
         decided = runtime.decide(TrainConfigPretrainLarge())
     assert (decided.mixed_precision, decided.num_workers, decided.pin_memory, decided.ultra_low_mem) == (
         "bf16", 2, True, False)
-    assert decided.notes == []
+    assert [note for note in decided.notes if not note.startswith("CUDA allocator: ")] == []
 
 
 def test_on_the_12_gb_box_auto_means_the_low_memory_settings():
@@ -51,14 +51,42 @@ def test_without_a_gpu_the_note_says_so_instead_of_blaming_bf16():
     assert decided.mixed_precision == "no" and decided.notes[0].startswith("mixed_precision=bf16: no GPU here")
 
 
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def test_cuda_defaults_are_set_before_cuda_starts_and_yield_to_the_users_environment(monkeypatch):
-    for name in ("NCCL_SHM_DISABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PYTORCH_CUDA_ALLOC_CONF"):
+    for name in ("NCCL_SHM_DISABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING") + ALLOCATOR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NCCL_SHM_DISABLE", "1")
     with a_gpu():
         runtime.set_cuda_defaults()
     assert os.environ["NCCL_SHM_DISABLE"] == "1" and os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.parametrize("version,variable", [("2.8.0+cu128", "PYTORCH_CUDA_ALLOC_CONF"),
+                                              ("2.9.1+cu130", "PYTORCH_ALLOC_CONF"),
+                                              ("2.13.0", "PYTORCH_ALLOC_CONF")])
+def test_expandable_segments_go_into_the_variable_the_running_torch_reads_first(monkeypatch, version, variable):
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime.torch, "__version__", version)
+    with a_gpu():
+        runtime.set_cuda_defaults()
+    assert {name: os.environ.get(name) for name in ALLOCATOR_VARIABLES} == {
+        name: "expandable_segments:True" if name == variable else None for name in ALLOCATOR_VARIABLES}
+    assert runtime.describe_allocator() == f"CUDA allocator: expandable segments on ({variable}=expandable_segments:True)"
+
+
+@pytest.mark.parametrize("users_variable", ALLOCATOR_VARIABLES)
+def test_an_allocator_setting_of_the_user_in_either_variable_is_kept_and_reported(monkeypatch, users_variable):
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(users_variable, "max_split_size_mb:128")
+    with a_gpu():
+        runtime.set_cuda_defaults()
+    assert [os.environ.get(name) for name in ALLOCATOR_VARIABLES].count(None) == 1  # nothing added
+    assert runtime.describe_allocator() == \
+        f"CUDA allocator: expandable segments off ({users_variable}=max_split_size_mb:128)"
 
 
 @pytest.mark.parametrize("world_size,use_cpu,fails", [("3", None, True), ("3", "true", False), ("1", None, False)])

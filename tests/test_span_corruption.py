@@ -135,6 +135,28 @@ def test_no_token_is_padding_but_in_the_epochs_last_chunk(dataset_factory):
     assert step_tokens_are_the_labels(steps)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_compiled_run_gets_inputs_and_targets_padded_to_a_multiple_of_8(text_task, tmp_path, compile):
+    """At 64 tokens a chunk's target has 14: the memory-efficient attention kernel and a compiled graph want 16."""
+    from config import TrainConfig
+    from training.feed import DataFeed
+    from training.runtime import Runtime
+    from training.state import TrainingState
+
+    data, tokenizer_dir = text_task
+    cfg = TrainConfig(**data, tokenizer_dir=tokenizer_dir, objective="span_corruption", compile=compile,
+                      max_seq_len=64, batch_size_per_gpu=4, gradient_accumulation_steps=1,
+                      dataloader_buffer_size=100, output_dir=str(tmp_path))
+    feed = DataFeed(cfg, load_tokenizer(tokenizer_dir), Runtime("no", True, 0, False, 24.0, []), 0, 1)
+    state = TrainingState(batch_size_per_gpu=4, gradient_accumulation_steps=1)
+    widths = {(batch.input_ids.shape[1], batch.labels.shape[1]) for step in feed.epoch_steps(state)
+              for batch in step.micro_batches}
+    full = T5.chunk_length(64)
+    assert (T5.input_length(full), T5.target_length(full)) == (64, 14)
+    assert (64, 16 if compile else 14) in widths
+    assert all(inputs % 8 == 0 and targets % 8 == 0 for inputs, targets in widths) == compile
+
+
 def step_tokens_are_the_labels(steps) -> bool:
     return all(step.step_tokens == sum(int((b.labels != LABEL_PAD).sum()) for b in step.micro_batches)
                for step in steps)

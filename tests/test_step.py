@@ -32,7 +32,7 @@ def prepared_stepper(accelerator, accumulation: int = 1) -> StepRunner:
 
 def step_of(micro_batches: int, rows: int = 2, length: int = 6) -> StepBatch:
     generator = torch.Generator().manual_seed(micro_batches)
-    batches = [MicroBatch(torch.randint(4, VOCAB, (rows, length), generator=generator),
+    batches = [MicroBatch.of(torch.randint(4, VOCAB, (rows, length), generator=generator),
                           torch.ones(rows, length, dtype=torch.long),
                           torch.randint(4, VOCAB, (rows, length), generator=generator)) for _ in range(micro_batches)]
     return StepBatch(batches, epoch=0, end_sample=micro_batches * rows, step_tokens=micro_batches * rows * length,

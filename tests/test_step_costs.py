@@ -19,6 +19,19 @@ def test_each_optimizer_step_makes_one_agreement_between_the_ranks_however_many_
     assert set(counts) == {1}
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_each_optimizer_step_reads_one_value_back_from_the_device_log_lines_included(tmp_path, task, nproc):
+    """The step's totals and its gradient norm come back in one transfer, after clipping; the loop's log lines,
+    guards and schedule use those host values (every step logs here)."""
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, batch_size_per_gpu=4, gradient_accumulation_steps=3,
+                           epochs=1, max_steps=6, save_steps=1000, logging_steps=1, memory_log_steps=0)
+    result = run_cli("train", flags, nproc=nproc, entry=PATCHED_ENTRY, env={"T5LM_TEST_COUNT_READS": "1"})
+    counts = [int(n) for n in re.findall(r"reads since the step before: (\d+)", result.stderr)]
+    assert len(counts) == nproc * 5  # between the 6 steps, on every rank
+    assert set(counts) == {1}, counts
+
+
 COMPILED_RUN = dict(batch_size_per_gpu=8, gradient_accumulation_steps=1, epochs=1, save_steps=8, logging_steps=1,
                     eval_max_samples=8, dropout_rate=0.0)
 
@@ -37,9 +50,12 @@ def losses(output_dir: str) -> list[float]:
 
 def test_a_compiled_run_trains_like_an_eager_one_within_1e_4(tmp_path, task, compiled_uninterrupted):
     data, tokenizer_dir = task
-    compiled, _ = compiled_uninterrupted
+    compiled, result = compiled_uninterrupted
     eager = tiny_run_flags(tmp_path, tokenizer_dir, data, **COMPILED_RUN)
     run_cli("train", eager)
+    # Lengths vary from batch to batch: one compile for all of them, logged (a second only for a 1-sized batch).
+    compiles = re.findall(r"compiling the training forward \(graph [\d/]+, dynamic shapes\)", result.stdout + result.stderr)
+    assert len(compiles) == 1, compiles
     ours, theirs = losses(compiled["output_dir"]), losses(eager["output_dir"])
     assert len(ours) == len(theirs) == 256 // 8
     assert ours[-1] < ours[0] - 0.5  # it learns

@@ -14,6 +14,8 @@ from model.packed_text import EVAL_STREAM, leading_chunks, mask_generator
 from model.parquet import first_usable_rows
 from model.span_corruption import corruption_of, sentinel_ids
 from model.windows import MicroBatch, Ragged
+from training.memory import release_memory
+from utils.errors import RunAborted
 from utils.metrics import bleu4
 
 log = logging.getLogger("trainer")
@@ -48,6 +50,39 @@ def scoring(accelerator, model):
         unwrapped.train(was_training)
 
 
+class HalvingBatches:
+    """Evaluation's batches, halved when the GPU runs out of memory (generation's key/value cache grows with every
+    token, so a batch that fit the first answers may not fit a long one): the batch that failed is scored in halves,
+    and the smaller size is kept for the rest of the run."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def blocks(self, items: list):
+        """Consecutive blocks of `items`, each as long as the batch size when it is taken."""
+        start = 0
+        while start < len(items):
+            block = items[start: start + self.batch_size]
+            yield block
+            start += len(block)  # (the size may have been halved while the block was scored)
+
+    def run(self, rows: list, score) -> list:
+        """[(rows, score(rows))] for `rows`, or for its halves (and theirs) where a part ran out of memory."""
+        try:
+            return [(rows, score(rows))]
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise RunAborted("out of GPU memory evaluating a single row: lower --max_seq_len (evaluation "
+                                 "generates up to that many tokens), or use --eval_max_samples=0") from None
+        release_memory()
+        half = len(rows) // 2
+        if half < self.batch_size:
+            log.warning("evaluation ran out of GPU memory with a batch of %d rows: going on with batches of %d",
+                        len(rows), half)
+            self.batch_size = half
+        return self.run(rows[:half], score) + self.run(rows[half:], score)
+
+
 class LossTotal:
     """Token cross-entropy summed over batches, with its number of target tokens; `mean()` over every rank."""
 
@@ -55,8 +90,7 @@ class LossTotal:
         self.accelerator, device = accelerator, accelerator.device
         self.loss, self.tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
 
-    def add(self, model, input_ids, attention_mask, labels) -> None:
-        loss, tokens = token_loss_sum(model, input_ids, attention_mask, labels)
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
         self.loss += loss
         self.tokens += tokens
 
@@ -71,7 +105,7 @@ class Evaluator:
     def __init__(self, accelerator, tokenizer, path: str, max_samples: int, batch_size: int, max_seq_len: int):
         self.accelerator = accelerator
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.halving = HalvingBatches(batch_size)
         self.max_seq_len = max_seq_len
         prompts, responses = first_usable_rows(path, max_samples) if max_samples else ([], [])
         self.total = len(prompts)
@@ -81,35 +115,36 @@ class Evaluator:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_seq_len)["input_ids"]
 
-    def batches(self):
-        """Batches of similar prompt length (little padding, faster generation), in a fixed order."""
-        prompt_ids, response_ids = self.encode(self.prompts), self.encode(self.references)
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start: start + self.batch_size]
-            input_ids = padded([prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
-            labels = padded([response_ids[i] for i in rows], -100)
-            yield rows, input_ids, (input_ids != self.tokenizer.pad_token_id).long(), labels
-
     @property
     def batch_count(self) -> int:
-        return -(-len(self.prompts) // self.batch_size)
+        return -(-len(self.prompts) // self.halving.batch_size)
+
+    def score(self, model, rows: list, prompt_ids: list, response_ids: list) -> tuple:
+        """Loss terms and greedy answers of some rows, or an out-of-memory error with nothing kept."""
+        device, pad = self.accelerator.device, self.tokenizer.pad_token_id
+        input_ids = padded([prompt_ids[i] for i in rows], pad).to(device)
+        labels = padded([response_ids[i] for i in rows], -100).to(device)
+        attention_mask = (input_ids != pad).long()
+        loss, tokens = token_loss_sum(model, input_ids, attention_mask, labels)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+                                max_new_tokens=self.max_seq_len, use_cache=True)
+        return loss, tokens, self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
     def evaluate(self, model, progress: bool = False) -> EvalResult:
         """`progress`: a bar on an interactive terminal (the `evaluate` command; training logs lines instead)."""
-        device, total = self.accelerator.device, LossTotal(self.accelerator)
-        generations = [""] * len(self.prompts)
-        bar = tqdm(total=self.batch_count, unit="batch", desc="evaluating",
+        total, generations = LossTotal(self.accelerator), [""] * len(self.prompts)
+        prompt_ids, response_ids = self.encode(self.prompts), self.encode(self.references)
+        bar = tqdm(total=len(self.prompts), unit="row", desc="evaluating",
                    disable=not (progress and self.accelerator.is_main_process and sys.stderr.isatty()))
         with scoring(self.accelerator, model) as unwrapped, bar:
-            for rows, input_ids, attention_mask, labels in self.batches():
-                input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
-                total.add(unwrapped, input_ids, attention_mask, labels)
-                output = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                            num_beams=1, max_new_tokens=self.max_seq_len, use_cache=True)
-                for row, text in zip(rows, self.tokenizer.batch_decode(output, skip_special_tokens=True)):
-                    generations[row] = text
-                bar.update(1)
+            # Rows of similar prompt length together: little padding, faster generation.
+            for rows in self.halving.blocks(sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))):
+                for part, (loss, tokens, texts) in self.halving.run(rows, lambda part: self.score(
+                        unwrapped, part, prompt_ids, response_ids)):
+                    total.add(loss, tokens)
+                    for row, text in zip(part, texts):
+                        generations[row] = text
+                bar.update(len(rows))
         eval_loss = total.mean()
         triples = gather_object(list(zip(self.prompts, self.references, generations)))
         score = bleu4([t[2] for t in triples], [t[1] for t in triples])
@@ -122,7 +157,8 @@ class DenoisingEvaluator:
     the losses of a run compare. Rank r scores chunks r, r+W, ...; the token-weighted mean is taken over all."""
 
     def __init__(self, accelerator, tokenizer, cfg):
-        self.accelerator, self.batch_size, self.pad_id = accelerator, cfg.eval_batch_size, tokenizer.pad_token_id
+        self.accelerator, self.pad_id = accelerator, tokenizer.pad_token_id
+        self.halving = HalvingBatches(cfg.eval_batch_size)
         corruption = corruption_of(cfg)
         length = corruption.chunk_length(cfg.max_seq_len)
         chunks = leading_chunks(cfg.validation_file, cfg.text_column, tokenizer, length, cfg.eval_max_samples) \
@@ -134,14 +170,19 @@ class DenoisingEvaluator:
                                          tokenizer.eos_token_id) for i in range(rank, len(chunks), world)]
 
     def evaluate(self, model, progress: bool = False) -> EvalResult:
-        device, total = self.accelerator.device, LossTotal(self.accelerator)
+        total = LossTotal(self.accelerator)
         with scoring(self.accelerator, model) as unwrapped:
-            for start in range(0, len(self.pairs), self.batch_size):
-                pairs = self.pairs[start:start + self.batch_size]
-                batch = MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
-                                          Ragged.from_lists([targets for _, targets in pairs]), self.pad_id).to(device)
-                total.add(unwrapped, batch.input_ids, batch.attention_mask, batch.labels)
+            for indices in self.halving.blocks(list(range(len(self.pairs)))):
+                for _, (loss, tokens) in self.halving.run(indices, lambda part: self.score(unwrapped, part)):
+                    total.add(loss, tokens)
         return EvalResult(None, total.mean(), self.total, [])
+
+    def score(self, model, indices: list) -> tuple:
+        pairs = [self.pairs[i] for i in indices]
+        batch = MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
+                                  Ragged.from_lists([targets for _, targets in pairs]), self.pad_id)
+        batch = batch.to(self.accelerator.device)
+        return token_loss_sum(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
 AnyEvaluator = Evaluator | DenoisingEvaluator

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.adafactor import RelativeAdafactor
+
 DEFAULT_OPTIMIZER = "adafactor_t5"
 
 
@@ -39,61 +41,6 @@ RECIPES = {
     # AdamW with one absolute rate for every tensor: learn_rate is its rate.
     "adamw": Recipe(rate_per_learn_rate=1.0, relative=False),
 }
-
-
-class RelativeAdafactor(torch.optim.Optimizer):
-    """Adafactor with relative steps and no internal schedule: each tensor p moves by `lr x max(eps2, RMS(p)) x U`,
-    U the gradient over the square root of its factored second moment, clipped to RMS(U) <= 1.
-
-    torch's Adafactor caps the rate at 1/sqrt(t) (its own schedule, which would fight the contract's) and reads two
-    numbers per tensor back to the host every step; this one runs on the device without synchronising.
-    """
-
-    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps1: float = 1e-30,
-                 eps2: float = 1e-3, clip: float = 1.0, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip=clip,
-                                      weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            updates = [self._scaled_gradient(p, group) for p in params]
-            # Clip each update to RMS <= clip, then scale it by its tensor's RMS: all on the device.
-            sizes = [p.numel() ** 0.5 for p in params]
-            update_rms = [norm / size for norm, size in zip(torch._foreach_norm(updates), sizes)]
-            weight_rms = [norm / size for norm, size in zip(torch._foreach_norm(params), sizes)]
-            factors = [w.clamp(min=group["eps2"]) / (u / group["clip"]).clamp(min=1.0)
-                       for u, w in zip(update_rms, weight_rms)]
-            torch._foreach_mul_(updates, factors)
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
-
-    def _scaled_gradient(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The gradient divided by the root of its second moment, which is factored into row and column means
-        for matrices (memory: rows + columns instead of rows x columns)."""
-        grad, state = p.grad.float(), self.state[p]
-        if not state:
-            state["step"] = 0
-            if p.ndim >= 2:
-                state["row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
-                state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device)
-            else:
-                state["variance"] = torch.zeros_like(grad)
-        state["step"] += 1
-        # 1 - beta2 starts at 1 and decays as t^-0.8: the estimate follows fresh gradients early, then averages.
-        new_weight = state["step"] ** group["beta2_decay"]
-        squared = grad.square().add_(group["eps1"])
-        if p.ndim >= 2:
-            state["row"].lerp_(squared.mean(dim=-1), new_weight)
-            state["col"].lerp_(squared.mean(dim=-2), new_weight)
-            row = state["row"] / state["row"].mean(dim=-1, keepdim=True)
-            return grad * (row.unsqueeze(-1) * state["col"].unsqueeze(-2)).rsqrt()
-        state["variance"].lerp_(squared, new_weight)
-        return grad * state["variance"].rsqrt()
 
 
 def parameter_groups(model, weight_decay: float, rate_per_learn_rate: float) -> list[dict]:
@@ -132,3 +79,24 @@ def set_learning_rate(optimizer, rate: float) -> None:
     """`rate` in learn_rate's units; each group gets its optimizer's own rate."""
     for group in optimizer.param_groups:
         group["lr"] = rate * group.get("rate_per_learn_rate", 1.0)
+
+
+@torch.no_grad()
+def allocate_state(optimizer) -> None:
+    """Make the optimizer's state now, before the first step: AdamW's moments (8 bytes per parameter, 1.4 GiB for
+    the large model) are otherwise allocated inside the first optimizer step, where running out of GPU memory
+    could not be recovered. A step with zero gradients at rate 0 makes the state and moves nothing (the weight
+    decay multiplies by exactly 1); its step counters are set back to 0, so the first real step is the first."""
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper would consult the scaler
+    rates = [group["lr"] for group in torch_optimizer.param_groups]
+    parameters = [p for group in torch_optimizer.param_groups for p in group["params"]]
+    for group in torch_optimizer.param_groups:
+        group["lr"] = 0.0
+    for parameter in parameters:
+        parameter.grad = torch.zeros_like(parameter)
+    torch_optimizer.step()
+    for parameter, state in ((p, torch_optimizer.state[p]) for p in parameters):
+        parameter.grad = None
+        state["step"] = state["step"].zero_() if isinstance(state["step"], torch.Tensor) else 0
+    for group, rate in zip(torch_optimizer.param_groups, rates):
+        group["lr"] = rate

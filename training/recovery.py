@@ -36,9 +36,8 @@ def shrink_micro_batch(run, outcome) -> None:
     advice = ("lower --max_seq_len (e.g. 128) or use a smaller model" if smaller is None else
               f"resume with --is_keep_training=True --batch_size_per_gpu={smaller} "
               f"--gradient_accumulation_steps={state.gradient_accumulation_steps * size // smaller}")
-    if outcome.in_all_reduce:
-        raise RankAborted(f"{where}, inside the last micro-batch's gradient all-reduce, where the other ranks cannot "
-                          f"be told to retry: {advice}")
+    if outcome.alone:
+        raise RankAborted(f"{where}, {outcome.alone}, where the other ranks cannot be told to retry: {advice}")
     if smaller is None:
         raise RunAborted(f"{where}: {advice}")
     if run.stepper.engine_steps:

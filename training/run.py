@@ -9,8 +9,9 @@ import os
 import secrets
 from dataclasses import dataclass
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from config import TrainConfig, changed_fields, split_paths, with_resolved_paths
@@ -22,7 +23,7 @@ from training.evaluation import AnyEvaluator, build_evaluator
 from training.feed import DataFeed, token_counts_files
 from training.init_from import resolved_freeze
 from training.memory import MemoryHygiene
-from training.optim import RECIPES, build_optimizer
+from training.optim import RECIPES, allocate_state, build_optimizer
 from training.reporting import MetricsLog
 from training.resume import describe_run, resume, start_fresh
 from training.runtime import Runtime, tracker_names
@@ -31,7 +32,7 @@ from training.state import TrainingState
 from training.step import StepRunner
 from utils.atomic import write_json_atomically
 from utils.distributed import decided_by_main, ranks_where
-from utils.errors import UserError
+from utils.errors import RunAborted, UserError
 from utils.log import log_file_path, setup_logging
 
 log = logging.getLogger("trainer")
@@ -112,6 +113,19 @@ def check_optimizer_fits_the_engine(name: str, frozen: str, accelerator) -> None
                         "or DeepSpeed to fine-tune with frozen parts, or --freeze=none")
 
 
+def make_optimizer_state(optimizer, accelerator, name: str) -> None:
+    """The optimizer's state before the first step (`allocate_state`), where running out of GPU memory is one
+    clear line instead of a failed first step. DeepSpeed's engine makes its own."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    try:
+        allocate_state(optimizer)
+    except torch.OutOfMemoryError:
+        raise RunAborted(f"out of GPU memory making the optimizer's state (--optimizer={name}) before the first step: "
+                         "the weights, their gradients and that state do not fit on the GPU (`plan` shows each); "
+                         "--optimizer=adafactor_t5 keeps a few MB of state, or use a smaller model") from None
+
+
 DISTRIBUTION = {"NO": "not distributed", "MULTI_GPU": "data parallel (DDP) over GPUs",
                 "MULTI_CPU": "data parallel (DDP, gloo) over CPU processes", "DEEPSPEED": "DeepSpeed",
                 "FSDP": "FSDP"}
@@ -154,6 +168,8 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
     check_optimizer_fits_the_engine(cfg.optimizer, frozen, accelerator)
     model.to(accelerator.device)  # first: a fused optimizer is built for the device its tensors live on
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
+    if not cfg.is_keep_training:  # (a resume loads the saved state instead)
+        make_optimizer_state(optimizer, accelerator, cfg.optimizer)
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(cfg.output_dir, accelerator)
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, model=model, state=state, feed=feed,

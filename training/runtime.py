@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
                                parse_flag_from_env)
+from torch.torch_version import TorchVersion
 
 from utils.distributed import decided_by_main
 from utils.errors import UserError
@@ -61,11 +62,27 @@ def decide(cfg) -> Runtime:
     )
     if low_ram:
         notes.append(f"{runtime.total_ram_gb} GB of RAM (< 15 GB): low-memory data settings for 'auto' flags")
+    if torch.cuda.is_available():
+        notes.append(describe_allocator())
     return runtime
 
 
 def tracker_names(report_to: str) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
+
+
+def allocator_variable() -> str:
+    """The variable the running torch reads its allocator settings from first (2.9 renamed it, keeping the old
+    name as a fallback)."""
+    return "PYTORCH_ALLOC_CONF" if TorchVersion(torch.__version__) >= "2.9" else "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def allocator_settings() -> tuple[str, str]:
+    """The allocator settings in force: the variable they come from and its value ('' when none is set)."""
+    for name in dict.fromkeys((allocator_variable(), "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        if os.environ.get(name):
+            return name, os.environ[name]
+    return allocator_variable(), ""
 
 
 def set_cuda_defaults() -> None:
@@ -76,7 +93,15 @@ def set_cuda_defaults() -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead rank fails the others, no hang
         # Segments that grow instead of new blocks: less fragmentation, and the periodic empty_cache() releases
         # memory without forcing the allocator to synchronise on every cached block.
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if not allocator_settings()[1]:
+            os.environ[allocator_variable()] = "expandable_segments:True"
+
+
+def describe_allocator() -> str:
+    name, value = allocator_settings()
+    expandable = "expandable_segments:true" in value.replace(" ", "").lower()
+    return (f"CUDA allocator: expandable segments {'on' if expandable else 'off'} "
+            f"({name}={value or '(not set)'})")
 
 
 def check_devices() -> None:

@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType
 
 from model.dataset import MicroBatch, StepBatch
 from model.loss import token_loss_sum
+from training.compile import DynamicShapes
 from training.optim import set_learning_rate
 
 
@@ -23,7 +24,7 @@ class StepOutcome:
     grad_norm: float = math.nan
     finite: bool = True
     out_of_memory: bool = False
-    in_all_reduce: bool = False  # out of memory inside the gradient all-reduce: only this rank knows
+    alone: str = ""  # where this rank ran out of memory if the others cannot be told to retry (then: stop)
     stop_requested: bool = False
     target_tokens: int = 0  # response tokens of the whole global batch: the loss's weight
     tokens: int = 0  # prompt + response tokens of the whole global batch, for throughput
@@ -33,24 +34,29 @@ class StepOutcome:
 
 @dataclass
 class StepTotals:
-    """What each rank adds to the step's one all-reduce, summed over the ranks by `reduced`."""
+    """What each rank adds to the step's one all-reduce (summed over the ranks), as the host reads it back."""
 
     loss_sum: float
     stop_requested: float
     out_of_memory: float
     tokens: float
 
-    def reduced(self, accelerator, like: torch.Tensor) -> "StepTotals":
-        values = [value if isinstance(value, torch.Tensor) else torch.tensor(float(value)) for value in astuple(self)]
-        vector = torch.stack([value.reshape(()).to(like) for value in values])
-        return StepTotals(*accelerator.reduce(vector, "sum").tolist())
+    @staticmethod
+    def all_reduced(accelerator, like: torch.Tensor, *values) -> torch.Tensor:
+        """The ranks' values summed, left on the device: the host reads them with the gradient norm, later."""
+        vector = torch.stack([value.reshape(()).to(like) if isinstance(value, torch.Tensor)
+                              else torch.tensor(float(value)).to(like) for value in values])
+        return accelerator.reduce(vector, "sum")
 
-
-def compiled(model):
-    """torch.compile with every recompile logged: a new shape costs a compilation, and after the first one dynamo
-    makes the varying dimensions dynamic, so a run pays for a few, not one per batch length."""
-    torch._logging.set_logs(recompiles=True)
-    return torch.compile(model)
+    @classmethod
+    def read(cls, reduced: torch.Tensor, grad_norm) -> tuple["StepTotals", float]:
+        """The totals and the gradient norm in the step's one device-to-host transfer. The norm needs no reduction:
+        after the gradient all-reduce every rank holds the same gradients. (DeepSpeed may give it as a number, or
+        none at all.)"""
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
+            math.nan if grad_norm is None else float(grad_norm))
+        values = torch.cat([reduced, norm.reshape(1).to(reduced)]).tolist()
+        return cls(*values[:4]), values[4]
 
 
 def rng_snapshot() -> tuple:
@@ -70,11 +76,13 @@ class StepRunner:
         self.model = model
         # Only the training forward is compiled: evaluation's generation would recompile for every new length, and
         # the wrapper shares the model's parameters, so saving and loading see the plain module.
-        self.forward_model = compiled(model) if compile else model
+        self.compiling = compile
+        self.forward_model = DynamicShapes(model) if compile else model
         self.optimizer = optimizer
         self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
         self.bare_model = accelerator.unwrap_model(model)
+        self.eos_id = self.bare_model.config.eos_token_id  # a stand-in micro-batch's one token
         # DeepSpeed's engine clips, steps (skipping only fp16 overflows) and zeroes inside the last backward: a
         # non-finite step cannot be skipped here, and the engine fixes its micro-batch size when it is built.
         self.engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -83,7 +91,10 @@ class StepRunner:
         """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
         try:
             batch = batch.to(self.accelerator.device, non_blocking=True)
-            loss, _ = token_loss_sum(self.forward_model, batch.input_ids, batch.attention_mask, batch.labels,
+            # Without padding no mask is needed, but a compiled graph would take a mask that is sometimes absent for
+            # a second graph.
+            mask = batch.attention_mask if batch.input_padding or self.compiling else None
+            loss, _ = token_loss_sum(self.forward_model, batch.input_ids, mask, batch.labels,
                                      bare_model=self.bare_model)
             return loss, False
         except torch.OutOfMemoryError:
@@ -93,11 +104,16 @@ class StepRunner:
         self.accelerator.backward(loss)
 
     def run(self, step: StepBatch, learning_rate: float, stop_requested=lambda: False) -> StepOutcome:
-        """One optimizer step at `learning_rate` (learn_rate's units), with one agreement between the ranks.
+        """One optimizer step at `learning_rate` (learn_rate's units), with one agreement between the ranks and one
+        device-to-host transfer.
 
         The agreement comes just before the last micro-batch's backward, the only one that communicates (it
-        all-reduces the gradients): the step's loss and tokens, whether a rank ran out of memory (then every rank
-        drops the attempt), and `stop_requested()`, so that a stop asked for during the step ends the run after it.
+        all-reduces the gradients): the step's loss and tokens, whether a rank ran out of memory, and
+        `stop_requested()`, so that a stop asked for during the step ends the run after it. The host reads the
+        result only after clipping, together with the gradient norm, and then decides: drop an attempt a rank ran
+        out of memory in (that rank joined the gradient all-reduce with a stand-in, so nobody waited), skip a
+        non-finite step, or take it. Reading earlier would make the GPU wait for the host in the middle of every
+        step.
         """
         micro_batches = step.micro_batches
         scale = self.accelerator.num_processes * len(micro_batches) / max(step.step_tokens, 1)
@@ -114,11 +130,15 @@ class StepRunner:
                 loss, oom = (None, True) if failed else self.forward(batch)
                 failed = failed or oom
                 if index == last:
-                    step_loss = loss_sum if failed else loss_sum + loss.detach()
-                    totals = StepTotals(step_loss, stop_requested(), failed, local_tokens).reduced(
-                        self.accelerator, loss_sum)
-                    if totals.out_of_memory > 0:
+                    reduced = StepTotals.all_reduced(self.accelerator, loss_sum, loss_sum if failed else
+                                                     loss_sum + loss.detach(), stop_requested(), failed, local_tokens)
+                    if failed and self.accelerator.num_processes == 1:
                         return self.abandon(rng)
+                    if failed:
+                        loss, oom = self.forward(MicroBatch.placeholder(self.eos_id))
+                        if oom:
+                            return StepOutcome(out_of_memory=True, alone="joining the others' gradient all-reduce")
+                        loss = loss * 0.0
                 elif failed:
                     continue  # the backwards before the last do not communicate: nobody waits for this rank
                 try:
@@ -128,15 +148,21 @@ class StepRunner:
                     if index < last:
                         failed = True
                     elif self.accelerator.num_processes > 1:
-                        # The other ranks are inside this backward's gradient all-reduce: none can be told to retry.
-                        return StepOutcome(out_of_memory=True, in_all_reduce=True)
+                        return StepOutcome(out_of_memory=True, alone="inside the last micro-batch's gradient all-reduce")
                     else:
                         return self.abandon(rng)
-        # Under DeepSpeed this is the engine's norm of the step it has taken (None if it kept none).
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        grad_norm = math.nan if norm is None else float(norm)
+        try:
+            # Under DeepSpeed this is the engine's norm of the step it has taken (None if it kept none).
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            totals, grad_norm = StepTotals.read(reduced, norm)
+        except torch.OutOfMemoryError:  # (the norms' temporaries) known to this rank only, after the agreement
+            if self.accelerator.num_processes > 1:
+                return StepOutcome(out_of_memory=True, alone="while clipping the gradients")
+            return self.abandon(rng)
+        if totals.out_of_memory > 0:
+            return self.abandon(rng)
         mean_loss = totals.loss_sum / max(step.step_tokens, 1)
-        finite = math.isfinite(mean_loss) and (norm is None or math.isfinite(grad_norm))
+        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm) if norm is not None else math.isfinite(mean_loss)
         # fp16's GradScaler must see every step: it skips non-finite ones itself and lowers its scale; without its
         # update the next step's unscale fails. Other precisions skip here.
         if finite or self.accelerator.scaler is not None:

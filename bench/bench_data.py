@@ -1,4 +1,4 @@
-"""Benchmark LowMemParquetDataset: throughput, padding efficiency, construction, resume and memory.
+"""Benchmark the data pipeline (`PairDataset`, as training runs it): throughput, padding efficiency, construction, resume and memory.
 
     python bench/bench_data.py [--file ../shared/data/sample_train_3k.parquet] [--big /tmp/big_10m.parquet]
 
@@ -35,8 +35,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from make_big_parquet import make_big_parquet  # noqa: E402
 
-from model.dataset import LowMemParquetDataset, shared_encoder  # noqa: E402
-from model.packed_text import PackedTextDataset  # noqa: E402
+from data_pipeline.packed_text import PackedTextDataset, TextSpec  # noqa: E402
+from data_pipeline.pairs import PairDataset  # noqa: E402
+from data_pipeline.tokenize import shared_encoder  # noqa: E402
+from data_pipeline.windows import StreamSpec  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "sample_train_3k.parquet"
@@ -56,8 +58,9 @@ def best_time(function, rounds: int) -> float:
 
 def dataset_epoch(path, tokenizer) -> int:
     """One epoch through a DataLoader without workers; returns the rows delivered."""
-    dataset = LowMemParquetDataset(str(path), tokenizer, **SETTINGS)
-    return sum(len(batch["input_ids"]) for batch in DataLoader(dataset, batch_size=None, num_workers=0))
+    dataset = PairDataset(StreamSpec(str(path), **SETTINGS), tokenizer)
+    return sum(len(batch.input_ids) for step in DataLoader(dataset, batch_size=None, num_workers=0)
+               for batch in step.micro_batches)
 
 
 def throughput(path, tokenizer, rounds: int) -> None:
@@ -108,12 +111,12 @@ def throughput(path, tokenizer, rounds: int) -> None:
 
 def padding_efficiency(tokenizer, epochs: int = 3) -> None:
     real = padded = 0
-    dataset = LowMemParquetDataset(str(SAMPLE), tokenizer, **SETTINGS)
+    dataset = PairDataset(StreamSpec(str(SAMPLE), **SETTINGS), tokenizer)
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
-        for batch in dataset:
-            real += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-            padded += batch["input_ids"].numel() + batch["labels"].numel()
+        for batch in (batch for step in dataset for batch in step.micro_batches):
+            real += batch.real_tokens
+            padded += batch.input_ids.numel() + batch.labels.numel()
     encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     encoder.enable_truncation(SETTINGS["max_seq_len"])
     table = pq.read_table(SAMPLE)
@@ -140,17 +143,18 @@ def packed_throughput(path, scratch: Path, rounds: int) -> None:
     pq.write_table(pa.table({"text": documents}), text_file, row_group_size=1000)
     tokenizer = train_tokenizer([text_file], scratch / "text_tokenizer", vocab_size=8000, text_column="text")
     encoder = shared_encoder(tokenizer, None)
-    settings = dict(SETTINGS, counts_dir=str(scratch / "counts"))
+    spec, text = StreamSpec(str(text_file), **SETTINGS), TextSpec(counts_dir=str(scratch / "counts"))
     started = time.perf_counter()
-    PackedTextDataset(str(text_file), tokenizer, **settings)
+    PackedTextDataset(spec, tokenizer, text)
     counting = time.perf_counter() - started
 
     def pipeline_epoch() -> tuple:
-        dataset = PackedTextDataset(str(text_file), tokenizer, **settings)
+        dataset = PackedTextDataset(spec, tokenizer, text)
         real = padded = 0
-        for batch in DataLoader(dataset, batch_size=None, num_workers=0):
-            real += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-            padded += batch["input_ids"].numel() + batch["labels"].numel()
+        for step in DataLoader(dataset, batch_size=None, num_workers=0):
+            for batch in step.micro_batches:
+                real += batch.real_tokens
+                padded += batch.input_ids.numel() + batch.labels.numel()
         return dataset.num_tokens, real, padded
 
     contenders = {"packed pipeline (parquet -> corrupted, padded tensors)": pipeline_epoch,
@@ -184,7 +188,7 @@ def probe(path, tokenizer_dir, batches: int) -> dict:
     """Run in a fresh process: construction, memory and resume figures for one file, in that order."""
     tokenizer = load_tokenizer(tokenizer_dir)
     started = time.perf_counter()
-    dataset = LowMemParquetDataset(str(path), tokenizer, **SETTINGS)
+    dataset = PairDataset(StreamSpec(str(path), **SETTINGS), tokenizer)
     figures = {"rows": dataset.num_rows, "construct_s": time.perf_counter() - started}
     rss_before = psutil.Process().memory_info().rss
     # Start the high-water mark afresh: it would otherwise include the imports and, through fork and exec,
@@ -195,7 +199,7 @@ def probe(path, tokenizer_dir, batches: int) -> dict:
     peak = high_water_rss()
     figures.update(rss_before_mb=rss_before / 2**20, peak_rss_mb=peak / 2**20, growth_mb=(peak - rss_before) / 2**20)
     if dataset.num_rows > RESUME_SAMPLE:
-        resumed = LowMemParquetDataset(str(path), tokenizer, **SETTINGS)
+        resumed = PairDataset(StreamSpec(str(path), **SETTINGS), tokenizer)
         started = time.perf_counter()
         resumed.load_state_dict(resumed.state_at(0, RESUME_SAMPLE))
         next(iter(resumed))

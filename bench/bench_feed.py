@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import pyarrow.parquet as pq  # noqa: E402
 from bench_long_run import distinct_rows  # noqa: E402
 
-import model.windows as windows_module  # noqa: E402
+import data_pipeline.windows as windows_module  # noqa: E402
 import training.feed as feed_module  # noqa: E402
 from config import TrainConfigPretrainLarge  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402

@@ -34,9 +34,11 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from config import T5ModelConfig, TrainConfigPretrainLarge  # noqa: E402
-from model.dataset import LowMemParquetDataset, MicroBatch  # noqa: E402
+from data_pipeline.batch import MicroBatch  # noqa: E402
+from data_pipeline.pairs import PairDataset  # noqa: E402
+from data_pipeline.windows import StreamSpec  # noqa: E402
 from model.loss import padded, token_loss_sum  # noqa: E402
-from model.parquet import first_usable_rows  # noqa: E402
+from data_pipeline.parquet import first_usable_rows  # noqa: E402
 from model.t5 import build_model, count_parameters  # noqa: E402
 from model.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from training.optim import DEFAULT_OPTIMIZER, build_optimizer  # noqa: E402
@@ -152,8 +154,8 @@ def held_out_loss(model, batches: list[MicroBatch]) -> float:
 
 def train_steps(tokenizer, train_file: str, batch_size: int, args):
     """The same sequence of step batches for every recipe: the trainer's data pipeline, epoch after epoch."""
-    dataset = LowMemParquetDataset([train_file], tokenizer, max_seq_len=args.max_seq_len, batch_size=batch_size,
-                                   buffer_size=3000, seed=0, ultra_low_mem=False, yield_steps=True)
+    dataset = PairDataset(StreamSpec([train_file], args.max_seq_len, batch_size, buffer_size=3000, seed=0,
+                                     ultra_low_mem=False), tokenizer)
     epoch = 0
     while True:
         dataset.set_epoch(epoch)

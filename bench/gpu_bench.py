@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accelerate.utils import set_seed  # noqa: E402
 
 from config import T5ModelConfig, TrainConfigPretrainLarge  # noqa: E402
-from model.dataset import MicroBatch, StepBatch  # noqa: E402
+from data_pipeline.batch import MicroBatch, StepBatch  # noqa: E402
 from model.t5 import StandInTokenizer, build_model, count_parameters  # noqa: E402
 from training.memory import freeze_startup_objects, release_memory  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402

@@ -4,18 +4,16 @@ Every train and model flag works here as in `train`. Rows come from the parquet 
 `--num_samples` (then the file need not exist yet). Memory and disk are in GiB (2^30 bytes: a "20 GB" card holds
 20 GiB). How each figure is worked out is said next to it in the table and in `commands.plan_memory`.
 """
-import json
 import os
 import shutil
 
+from commands.plan_memory import GIB, GPU_BUDGET_BYTES
+from commands.plan_report import report
 from config import PlanFlags, with_resolved_paths
 from utils.errors import UserError, UserErrors
 
-GIB = 1024**3
-GPU_BUDGET_BYTES = 20 * GIB  # the user's cards (the guide: 3 x 20 GB)
 # Below this share of the card left over, fragmentation of PyTorch's allocator may still run out.
 TIGHT_SHARE = 0.1
-GUIDE_STEP_SECONDS = (0.5, 0.8)  # the guide's estimate per optimizer step on its 3 GPUs: only an example
 SHORTER_SEQ_LENS = (160, 128, 96, 64)
 # Host RAM besides what this process measures: the CUDA runtime, cuBLAS and cuDNN on the host side of a GPU
 # process (0.8-1.5 GiB is typical), and a forked DataLoader worker's own pages beyond its data window.
@@ -45,7 +43,7 @@ def training_rows(cfg, num_samples: int) -> tuple[int, str]:
 def stored_row_bytes(cfg) -> float | None:
     """Uncompressed bytes per row from the parquet footers (about the size of the rows in Arrow), if readable."""
     from config import split_paths
-    from model.parquet import expand_paths, read_footer
+    from data_pipeline.parquet import expand_paths, read_footer
     from training.preflight import text_columns
 
     try:
@@ -67,11 +65,11 @@ def packing(cfg, rows: int, rows_source: str) -> dict | None:
     import math
 
     from config import split_paths
-    from model.dataset import shared_encoder
-    from model.packed_text import counts_dir_of
-    from model.parquet import expand_paths, first_usable_rows
-    from model.span_corruption import corruption_of
-    from model.token_counts import RunningTotals, document_lengths
+    from data_pipeline.tokenize import shared_encoder
+    from data_pipeline.packed_text import counts_dir_of
+    from data_pipeline.parquet import expand_paths, first_usable_rows
+    from data_pipeline.span_corruption import corruption_of
+    from data_pipeline.token_counts import RunningTotals, document_lengths
     from model.tokenizer import has_tokenizer, load_tokenizer
     from training.feed import token_counts_files
 
@@ -108,7 +106,7 @@ def target_length(cfg, seq_len: int) -> int | None:
     """The decoder's tokens when they are not `seq_len`: span corruption's targets are about a quarter of it."""
     if cfg.objective != "span_corruption":
         return None
-    from model.span_corruption import corruption_of
+    from data_pipeline.span_corruption import corruption_of
 
     corruption = corruption_of(cfg)
     return corruption.target_length(corruption.chunk_length(seq_len))
@@ -116,7 +114,7 @@ def target_length(cfg, seq_len: int) -> int | None:
 
 def schedule(cfg, samples: int, num_processes: int) -> dict:
     """Optimizer steps and the events the trainer ties to them (see `training.loop.fit`)."""
-    from model.dataset import global_batch_size, steps_per_epoch
+    from data_pipeline.batch import global_batch_size, steps_per_epoch
 
     global_batch = global_batch_size(cfg.batch_size_per_gpu, num_processes, cfg.gradient_accumulation_steps)
     per_epoch = steps_per_epoch(samples, global_batch)
@@ -224,135 +222,6 @@ def disk_plan(cfg, parameters: int, optimizer_bytes: int) -> dict:
     return dict(parts=parts, total=sum(parts.values()), free=free, model=model)
 
 
-def hours(steps: int, seconds: float) -> float:
-    return round(steps * seconds / 3600, 4)
-
-
-def duration(hours_: float) -> str:
-    """A span of time in the unit that reads best: 21.7 h, 35 min, 40 s."""
-    if hours_ >= 1:
-        return f"{hours_:.1f} h"
-    return f"{hours_ * 60:.0f} min" if hours_ * 60 >= 1 else f"{hours_ * 3600:.0f} s"
-
-
-def gib(size: float) -> float:
-    return round(size / GIB, 2)
-
-
-def json_report(plan: dict) -> dict:
-    steps, gpu, host, disk = plan["steps"], plan["gpu"], plan["host"], plan["disk"]
-    return {
-        **steps, "rows": plan["rows"], "rows_source": plan["rows_source"], "objective": plan["cfg"].objective,
-        **({"packing": plan["packing"]} if plan["packing"] else {}), "parameters": plan["parameters"],
-        "trainable_parameters": plan["trainable"], "vocab_size": plan["vocab"],
-        "activation_method": gpu["method"], "activation_bytes": gpu["parts"]["activations"],
-        "gpu_memory_gb_per_process": gib(gpu["total"]),
-        "gpu_memory_breakdown_gb": {k: gib(v) for k, v in gpu["parts"].items()},
-        "gpu_memory_breakdown_bytes": dict(gpu["parts"]),
-        "fits_20gb": gpu["total"] <= GPU_BUDGET_BYTES,
-        "host_ram_gb_per_process": gib(host["total"]),
-        "host_ram_gb_total": gib(host["total"] * steps["num_processes"]),
-        "host_ram_breakdown_gb": {k: gib(v) for k, v in host["parts"].items()}, "num_workers": host["workers"],
-        "disk_gb": gib(disk["total"]), "disk_breakdown_gb": {k: gib(v) for k, v in disk["parts"].items()},
-        "disk_free_gb": gib(disk["free"]),
-        "step_time_s": plan["step_time"], "hours_per_epoch": plan["hours_per_epoch"],
-        "hours_total": plan["hours_total"], "example_step_time_s": list(GUIDE_STEP_SECONDS),
-        "example_hours_per_epoch": plan["example_hours_per_epoch"], "example_hours_total": plan["example_hours_total"],
-        "suggestions": gpu["suggestions"], "notes": plan["notes"],
-    }
-
-
-def human_report(plan: dict) -> str:
-    cfg, steps, gpu, host, disk = plan["cfg"], plan["steps"], plan["gpu"], plan["host"], plan["disk"]
-    processes, accumulation = steps["num_processes"], cfg.gradient_accumulation_steps
-    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(cfg.mixed_precision, "fp32")
-    spare = GPU_BUDGET_BYTES - gpu["total"]
-    free_ratio = "fits a 20 GiB card" if spare >= 0 else "does NOT fit a 20 GiB card"
-    lines = [f"Plan for {type(cfg).__name__} on {processes} process{'es' * (processes > 1)} "
-             "(nothing is trained; every figure is an estimate)"]
-
-    def section(title: str, rows: list) -> None:
-        lines.append(title)
-        lines.extend(f"  {label:<24}{value:>14}  {note}".rstrip() for label, value, note in rows)
-
-    packed = plan["packing"]
-    section("Schedule", [
-        ("documents" if packed else "rows", f"{plan['rows']:,}", plan["rows_source"]),
-        *([("chunks", f"{packed['chunks']:,}",
-            f"{packed['tokens']:,} tokens in chunks of {packed['chunk_length']} ({packed['source']}); inputs of "
-            f"{packed['input_length']}, targets of {packed['target_length']} tokens")] if packed else []),
-        ("global batch", f"{steps['global_batch_size']:,}",
-         f"{cfg.batch_size_per_gpu} per GPU x {processes} process{'es' * (processes > 1)} x {accumulation} "
-         "accumulation steps"),
-        ("steps per epoch", f"{steps['steps_per_epoch']:,}", f"ceil({'chunks' if packed else 'rows'} / global batch)"),
-        ("total steps", f"{steps['total_steps']:,}", f"{cfg.epochs} epochs"
-         + (f", stopped by --max_steps (schedule: {steps['schedule_steps']:,})" if cfg.max_steps else "")),
-        ("warmup steps", f"{cfg.warmup_steps:,}",
-         f"then cosine decay to {0.1 * cfg.learn_rate:g} at step {steps['schedule_steps']:,}"),
-        ("evaluations and saves", f"{steps['saves']:,}", f"every {cfg.save_steps:,} steps and at each epoch end"
-         + ("" if steps["evaluations"] else "; no evaluation (--eval_max_samples=0)")),
-        ("training log lines", f"{steps['logging_lines']:,}", f"every {cfg.logging_steps:,} steps"),
-    ])
-    section("Model", [("parameters", f"{plan['parameters']:,}",
-                       f"vocab {plan['vocab']:,} from {plan['vocab_source']}"),
-                      ("trained parameters", f"{plan['trainable']:,}",
-                       "all" if cfg.freeze == "none" else f"--freeze={cfg.freeze}: the rest gets no gradient and no "
-                       "optimizer state")]
-            + ([("weights from", "--init_from", cfg.init_from)] if cfg.init_from else []))
-    section("GPU memory per process (GiB)", [
-        ("weights", f"{gib(gpu['parts']['weights']):.2f}", "fp32, 4 bytes per parameter"),
-        ("gradients", f"{gib(gpu['parts']['gradients']):.2f}", "fp32, kept between the micro-batches of a step"
-         + ("; they are DDP's all-reduce buckets (no copy)" if processes > 1 else "")),
-        ("optimizer state", f"{gib(gpu['parts']['optimizer_state']):.2f}",
-         f"--optimizer={cfg.optimizer}: " + ("two fp32 moments, 8 bytes per parameter" if cfg.optimizer == "adamw"
-                                             else "factored second moments, a row and a column per matrix")),
-        ("activations", f"{gib(gpu['parts']['activations']):.2f}",
-         (f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target tokens"
-          if packed else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
-         + f", {precision} ({gpu['method']}), peak, attention as CUDA's memory-efficient SDPA kernel keeps it"),
-        ("CUDA context", f"{gib(gpu['parts']['cuda_context']):.2f}", "outside PyTorch's allocator"),
-        ("total", f"{gib(gpu['total']):.2f}", f"{free_ratio} ({abs(spare) / GIB:.1f} GiB "
-         + ("left)" if spare >= 0 else "over)")),
-    ])
-    section("Host RAM per process (GiB)", [
-        ("libraries", f"{gib(host['parts']['libraries']):.2f}", "python, torch, transformers: measured here"),
-        ("CUDA runtime", f"{gib(host['parts']['cuda_runtime']):.2f}", "assumed: host side of the CUDA libraries"),
-        ("model copy", f"{gib(host['parts']['model_copy']):.2f}", "built in RAM before it moves to the GPU"),
-        ("data window", f"{gib(host['parts']['data_window']):.2f}",
-         f"2 windows of {cfg.dataloader_buffer_size:,} rows: text and token ids"),
-        ("DataLoader workers", f"{gib(host['parts']['workers']):.2f}", host["workers_note"]),
-        ("total", f"{gib(host['total']):.2f}", f"{gib(host['total'] * processes):.2f} GiB for {processes} "
-         f"process{'es' * (processes > 1)} on one machine"),
-    ])
-    section("Disk in output_dir (GiB)", [
-        ("best models", f"{gib(disk['parts']['best_models']):.2f}",
-         f"{cfg.keep_latest_n_ckp} x {gib(disk['model']):.2f} (fp32 safetensors)"),
-        ("final/", f"{gib(disk['parts']['final']):.2f}", ""),
-        ("resumable state", f"{gib(disk['parts']['state']):.2f}",
-         "weights and optimizer state, twice while a new one replaces the old"),
-        ("total", f"{gib(disk['total']):.2f}", f"{gib(disk['free']):.2f} GiB free there now"),
-    ])
-    if plan["step_time"]:
-        section("Time (evaluations not included)", [
-            ("step time", f"{plan['step_time']:g} s", "--step_time"),
-            ("time per epoch", duration(plan["hours_per_epoch"]), ""),
-            ("time in total", duration(plan["hours_total"]), f"{steps['total_steps']:,} steps"),
-        ])
-    else:
-        low, high = GUIDE_STEP_SECONDS
-        per_epoch, total = plan["example_hours_per_epoch"], plan["example_hours_total"]
-        section("Time", [
-            ("step time", "not given", "--step_time=SECONDS, as your GPUs log it (seconds per step)"),
-            (f"at {low}-{high} s/step", f"{duration(per_epoch[0])}-{duration(per_epoch[1])}",
-             f"per epoch, {duration(total[0])}-{duration(total[1])} in total (the guide's estimate, an example)"),
-        ])
-    for title, items in (("Suggestions", gpu["suggestions"]), ("Notes", plan["notes"])):
-        if items:
-            lines.append(title)
-            lines.extend(f"  - {item}" for item in items)
-    return "\n".join(lines)
-
-
 def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
     import math
 
@@ -378,16 +247,8 @@ def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
     tokens_per_row = packed["tokens"] / rows if packed else 2 * cfg.max_seq_len
     host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES, tokens_per_row)  # before the probe runs
     gpu = gpu_plan(cfg, model_cfg, vocab, parameters, trainable, optimizer_bytes, flags.probe, notes)
-    seconds = flags.step_time
-    plan = dict(
-        cfg=cfg, model_cfg=model_cfg, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
-        vocab_source=vocab_source,
-        parameters=parameters, trainable=trainable, gpu=gpu, host=host,
-        disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes,
-        step_time=seconds or None,
-        hours_per_epoch=hours(steps["steps_per_epoch"], seconds) if seconds else None,
-        hours_total=hours(steps["total_steps"], seconds) if seconds else None,
-        example_hours_per_epoch=[hours(steps["steps_per_epoch"], s) for s in GUIDE_STEP_SECONDS],
-        example_hours_total=[hours(steps["total_steps"], s) for s in GUIDE_STEP_SECONDS],
-    )
-    print(json.dumps(json_report(plan), indent=2) if flags.json else human_report(plan))
+    plan = dict(cfg=cfg, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
+                vocab_source=vocab_source, parameters=parameters, trainable=trainable, gpu=gpu, host=host,
+                disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes, step_time=flags.step_time or None)
+    printed = report(plan)
+    print(printed.json() if flags.json else printed.text())

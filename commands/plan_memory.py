@@ -27,6 +27,7 @@ from model.loss import token_loss_sum
 from model.t5 import StandInTokenizer, build_model, freeze
 
 GIB = 1024**3
+GPU_BUDGET_BYTES = 20 * GIB  # the user's cards (the guide: 3 x 20 GB)
 WEIGHT_BYTES, GRADIENT_BYTES = 4, 4  # per parameter, fp32 (the optimizer's state: `training.optim.state_bytes`)
 # The CUDA context and cuBLAS workspaces: on the card (nvidia-smi) but outside PyTorch's allocator.
 CUDA_CONTEXT_BYTES = GIB // 2

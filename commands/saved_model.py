@@ -42,7 +42,7 @@ def evaluate_command(flags: EvaluateFlags) -> None:
     from training.evaluation import Evaluator
     from training.runtime import native_bf16
 
-    from model.parquet import read_footer
+    from data_pipeline.parquet import read_footer
 
     # Both arguments are checked before the model loads, the file as train checks its files (footer only).
     path, problems = resolve_path(flags.file), [model_dir_problem(flags.model_dir)]

@@ -3,7 +3,7 @@ from config import TokenizerFlags, resolve_path, split_paths
 
 
 def train_tokenizer_command(flags: TokenizerFlags) -> None:
-    from model.span_corruption import sentinels_of
+    from data_pipeline.span_corruption import sentinels_of
     from model.tokenizer import train_tokenizer
 
     files = [resolve_path(path) for path in split_paths(flags.train_file)]

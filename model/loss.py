@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.dataset import LABEL_PAD
+from data_pipeline.batch import LABEL_PAD
 
 
 def token_loss_sum(model, input_ids, attention_mask, labels, bare_model=None) -> tuple[torch.Tensor, torch.Tensor]:

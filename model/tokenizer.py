@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from model.parquet import TEXT_COLUMNS, open_parquet, read_batches, read_footer
-from model.span_corruption import sentinel_tokens
+from data_pipeline.parquet import TEXT_COLUMNS, open_parquet, read_batches, read_footer
+from data_pipeline.span_corruption import sentinel_tokens
 from utils.atomic import replace_directory
 from utils.errors import UserError
 

@@ -29,6 +29,7 @@ def test_the_gpu_bench_runs_its_smoke_version_on_a_cpu_and_says_so():
     assert [row.split()[0] for row in table] == ["2", "4"]
     assert all(float(row.split()[1]) > 0 for row in table)  # samples/s measured
     assert any("release_memory every 2 steps" in line for line in lines)
+    assert any(line.startswith("attention kernels at batch 4: ") and "softmax" in line for line in lines)
 
 
 def test_the_largest_fitting_batch_is_extrapolated_through_the_two_largest_measured_batches():

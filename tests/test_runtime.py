@@ -1,6 +1,7 @@
 """The CUDA-only branches, run here with `torch.cuda` mocked: device decisions, environment defaults, memory
 figures, random states, the fused optimizer; and the refusal to train a GPU launch on CPUs without saying so."""
 import os
+import weakref
 from unittest import mock
 
 import pytest
@@ -104,29 +105,41 @@ def test_a_launch_of_several_processes_without_a_usable_gpu_stops(monkeypatch, w
             runtime.check_devices()
 
 
-def test_the_memory_report_has_the_gpu_figures_on_a_gpu():
-    with a_gpu(), mock.patch.multiple(torch.cuda, current_device=mock.Mock(return_value=0),
-                                      memory_allocated=mock.Mock(return_value=3 * 2**20),
-                                      memory_reserved=mock.Mock(return_value=5 * 2**20),
-                                      max_memory_allocated=mock.Mock(return_value=4 * 2**20)):
+def test_the_memory_report_has_the_gpu_figures_of_the_current_device_in_mb():
+    figures = {"memory_allocated": 3 * 2**20, "memory_reserved": 5 * 2**20, "max_memory_allocated": 4 * 2**20}
+    asked = []
+    with a_gpu(), mock.patch.multiple(torch.cuda, current_device=mock.Mock(return_value=2), **{
+            name: mock.Mock(side_effect=lambda device, _name=name: asked.append((_name, device)) or figures[_name])
+            for name in figures}):
         report = memory.memory_report()
     assert (report["gpu_allocated_mb"], report["gpu_reserved_mb"], report["gpu_peak_mb"]) == (3.0, 5.0, 4.0)
+    assert sorted(asked) == sorted((name, 2) for name in figures)  # this process's device, not device 0
     assert report["rss_mb"] >= report["uss_mb"] > 0 and report["workers_uss_mb"] >= 0
 
 
-def test_memory_cleanup_empties_the_cuda_cache_on_a_gpu():
+def test_memory_cleanup_frees_unreachable_cycles_and_empties_the_cuda_cache_on_a_gpu():
+    class Node:
+        pass
+
+    node = Node()
+    node.cycle = node  # only a collection frees it
+    freed = weakref.ref(node)
+    del node
     with a_gpu(), mock.patch.object(torch.cuda, "empty_cache") as empty_cache:
         memory.release_memory()
+    assert freed() is None
     empty_cache.assert_called_once()
 
 
-def test_a_retried_step_restores_the_cuda_random_states_too():
+def test_a_retried_step_draws_the_same_random_numbers_on_the_cpu_and_restores_the_cuda_states():
     set_states = mock.Mock()
     with a_gpu(), mock.patch.multiple(torch.cuda, get_rng_state_all=mock.Mock(return_value=["cuda state"]),
                                       set_rng_state_all=set_states):
         snapshot = step.rng_snapshot()
+        first = torch.rand(4)
         step.restore_rng(snapshot)
-    assert snapshot[1] == ["cuda state"]
+        again = torch.rand(4)
+    assert torch.equal(first, again)
     set_states.assert_called_once_with(["cuda state"])
 
 

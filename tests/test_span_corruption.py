@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from model.packed_text import PackedTextDataset
-from model.span_corruption import SpanCorruption, restore, sentinels_of
+from data_pipeline.batch import LABEL_PAD
+from data_pipeline.packed_text import PackedTextDataset, TextSpec
+from data_pipeline.span_corruption import SpanCorruption, restore, sentinels_of
+from data_pipeline.windows import StreamSpec
 from model.tokenizer import load_tokenizer
-from model.windows import LABEL_PAD
 from tests.cli_helpers import (
     TINY_MODEL,
     assert_same_weights,
@@ -27,6 +28,7 @@ from tests.cli_helpers import (
     run_cli,
 )
 from tests.conftest import raw_documents, shared_file, write_text_parquet
+from utils.errors import UnreadableData
 
 T5 = SpanCorruption(0.15, 3.0)
 
@@ -50,10 +52,11 @@ def test_a_corrupted_chunk_has_the_promised_lengths_and_restores_to_the_chunk(le
     assert restore(inputs, targets, sentinels) == chunk.tolist()
 
 
-def packed(files, tokenizer, **overrides) -> PackedTextDataset:
-    settings_ = dict(max_seq_len=48, batch_size=4, buffer_size=64, seed=3, yield_steps=True)
-    settings_.update(overrides)
-    return PackedTextDataset(files, tokenizer, **settings_)
+def packed(files, tokenizer, counts_dir, noise_density=0.15, mean_noise_span_length=3.0, **overrides
+           ) -> PackedTextDataset:
+    spec = StreamSpec(files, **{**dict(max_seq_len=48, batch_size=4, buffer_size=64, seed=3), **overrides})
+    return PackedTextDataset(spec, tokenizer, TextSpec(corruption=SpanCorruption(noise_density, mean_noise_span_length),
+                                                       counts_dir=counts_dir))
 
 
 @pytest.fixture
@@ -185,7 +188,7 @@ def test_resuming_at_a_step_yields_exactly_the_following_batches(dataset_factory
     whole.set_epoch(1)
     steps = list(whole)
     resumed = make(gradient_accumulation_steps=2)
-    resumed.seek(1, steps[6].end_sample, resumed.global_batch_size)
+    resumed.seek(1, steps[6].end_sample, resumed.spec.global_batch_size)
     for expected, got in zip(steps[7:], list(resumed), strict=True):
         for a, b in zip(expected.micro_batches, got.micro_batches, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a.as_dict().values(), b.as_dict().values()))
@@ -241,7 +244,7 @@ def test_a_window_whose_file_changed_after_counting_names_the_file(dataset_facto
     dataset = packed(str(path), tokenizer, counts_dir=str(tmp_path / "counts"))
     write_text_parquet(path, [d if i % 7 else "改" for i, d in enumerate(raw_documents(100, seed=4))])
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(Exception, match="its counts say") as error:
+    with pytest.raises(UnreadableData, match="its counts say") as error:
         list(dataset)
     assert str(path) in str(error.value)
 

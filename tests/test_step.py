@@ -4,7 +4,7 @@ import torch
 from accelerate import Accelerator
 
 from config import T5ModelConfig
-from model.dataset import MicroBatch, StepBatch
+from data_pipeline.batch import MicroBatch, StepBatch
 from model.t5 import StandInTokenizer, build_model
 from training.optim import build_optimizer
 from training.step import StepRunner

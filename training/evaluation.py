@@ -10,10 +10,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from model.loss import padded, token_loss_sum
-from model.packed_text import EVAL_STREAM, leading_chunks, mask_generator
-from model.parquet import first_usable_rows
-from model.span_corruption import corruption_of, sentinel_ids
-from model.windows import MicroBatch, Ragged
+from data_pipeline.packed_text import EVAL_STREAM, leading_chunks, mask_generator
+from data_pipeline.parquet import first_usable_rows
+from data_pipeline.span_corruption import corruption_of, sentinel_ids
+from data_pipeline.batch import MicroBatch, Ragged
 from training.memory import release_memory
 from utils.errors import RunAborted
 from utils.metrics import bleu4

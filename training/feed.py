@@ -6,10 +6,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import split_paths
-from model.dataset import LowMemParquetDataset, StepBatch, global_batch_size, shared_encoder, steps_per_epoch
-from model.packed_text import PackedTextDataset, counts_dir_of
-from model.parquet import expand_paths
-from model.token_counts import counts_paths
+from data_pipeline.batch import StepBatch, global_batch_size, steps_per_epoch
+from data_pipeline.packed_text import PackedTextDataset, TextSpec, counts_dir_of
+from data_pipeline.pairs import PairDataset
+from data_pipeline.parquet import expand_paths
+from data_pipeline.span_corruption import corruption_of
+from data_pipeline.token_counts import counts_paths
+from data_pipeline.tokenize import shared_encoder
+from data_pipeline.windows import StreamSpec
 from training.signals import ignore_stop_signals
 
 
@@ -29,20 +33,16 @@ class DataFeed:
 
     def dataset(self, batch_size: int, accumulation: int):
         cfg = self.cfg
-        common = dict(max_seq_len=cfg.max_seq_len, batch_size=batch_size, buffer_size=cfg.dataloader_buffer_size,
-                      seed=cfg.seed, rank=self.rank, world_size=self.world_size,
-                      ultra_low_mem=self.runtime.ultra_low_mem, gradient_accumulation_steps=accumulation,
-                      yield_steps=True,
-                      # Compiled: widths a multiple of 8 (few shapes; the memory-efficient attention kernel's
-                      # alignment), also for span corruption's targets (44 tokens at 192).
-                      pad_to_multiple_of=8 if cfg.compile else 1)
+        spec = StreamSpec(split_paths(cfg.train_file), cfg.max_seq_len, batch_size, cfg.dataloader_buffer_size,
+                          cfg.seed, self.rank, self.world_size, self.runtime.ultra_low_mem, accumulation,
+                          # Compiled: widths a multiple of 8 (few shapes; the memory-efficient attention kernel's
+                          # alignment), also for span corruption's targets (44 tokens at 192).
+                          pad_to_multiple_of=8 if cfg.compile else 1)
         if cfg.objective == "span_corruption":
-            return PackedTextDataset(split_paths(cfg.train_file), self.tokenizer, text_column=cfg.text_column,
-                                     noise_density=cfg.noise_density,
-                                     mean_noise_span_length=cfg.mean_noise_span_length,
-                                     counts_dir=counts_dir_of(cfg.output_dir), count_missing=self.rank == 0,
-                                     counts_files=self.counts_files, **common)
-        return LowMemParquetDataset(split_paths(cfg.train_file), self.tokenizer, **common)
+            return PackedTextDataset(spec, self.tokenizer, TextSpec(
+                cfg.text_column, corruption_of(cfg), counts_dir_of(cfg.output_dir), count_missing=self.rank == 0,
+                counts_files=tuple(self.counts_files or ())))
+        return PairDataset(spec, self.tokenizer)
 
     def global_batch_size(self, state) -> int:
         return global_batch_size(state.batch_size_per_gpu, self.world_size, state.gradient_accumulation_steps)

@@ -9,8 +9,8 @@ import os
 import shutil
 
 from config import split_paths
-from model.parquet import TEXT_COLUMNS, expand_paths, read_footer
-from model.span_corruption import SENTINEL_COUNT, corruption_of, sentinel_ids
+from data_pipeline.parquet import TEXT_COLUMNS, expand_paths, read_footer
+from data_pipeline.span_corruption import SENTINEL_COUNT, corruption_of, sentinel_ids
 from model.t5 import estimate_parameters
 from training.checkpoint import complete_states
 from training.optim import RECIPES

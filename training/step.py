@@ -12,7 +12,7 @@ from dataclasses import astuple, dataclass
 import torch
 from accelerate.utils import DistributedType
 
-from model.dataset import MicroBatch, StepBatch
+from data_pipeline.batch import MicroBatch, StepBatch
 from model.loss import token_loss_sum
 from training.compile import DynamicShapes
 from training.optim import set_learning_rate

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from model.parquet import open_parquet, read_batches
+from data_pipeline.parquet import open_parquet, read_batches
 from utils.atomic import TMP_PREFIX
 
 log = logging.getLogger("trainer")

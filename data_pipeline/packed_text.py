@@ -7,19 +7,21 @@ one stream per epoch, cut into chunks of `chunk_length` tokens, the length whose
 tokens: no token is padding, and only the epoch's last chunk may be short. A sample is a chunk. Chunk c of epoch
 e is masked with a generator seeded by (seed, e, c), so any process masks it the same, at any time.
 
-Where window w starts in the token stream follows from the per-document token counts (`model.token_counts`), so
+Where window w starts in the token stream follows from the per-document token counts (`data_pipeline.token_counts`), so
 a resumed run finds its chunk without tokenizing what comes before it.
 """
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from model.dataset import shared_encoder, tokenize
-from model.span_corruption import SpanCorruption, sentinel_ids
-from model.parquet import open_parquet, read_batches, read_footer
-from model.token_counts import RunningTotals, counts_paths, documents, ensure_counts
-from model.windows import MicroBatch, Ragged, WindowedStream
+from data_pipeline.batch import MicroBatch, Ragged
+from data_pipeline.parquet import open_parquet, read_batches, read_footer
+from data_pipeline.span_corruption import SpanCorruption, sentinel_ids
+from data_pipeline.token_counts import RunningTotals, counts_paths, documents, ensure_counts
+from data_pipeline.tokenize import shared_encoder, tokenize
+from data_pipeline.windows import StreamSpec, WindowedStream
 from utils.errors import UnreadableData, UserError
 
 # Where a dataset built outside the trainer keeps its counts (the trainer keeps them in its output_dir).
@@ -28,28 +30,36 @@ DEFAULT_COUNTS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "t5-lowmem"
 EVAL_STREAM = 2**31
 
 
+@dataclass(frozen=True)
+class TextSpec:
+    """What packed text adds to a stream: the documents' column, the corruption, and where the token counts are."""
+
+    text_column: str = "text"
+    corruption: SpanCorruption = SpanCorruption()
+    counts_dir: str = DEFAULT_COUNTS_DIR
+    """Where the token counts are kept (counted on first use)."""
+    count_missing: bool = True
+    """Count missing counts here; False: wait for the process that counts them."""
+    counts_files: tuple = ()
+    """The counts' files, one per training file, as the main process names them (instead of `counts_dir`)."""
+
+
 class PackedTextDataset(WindowedStream):
-    """Yields this rank's span-corrupted micro-batches of packed documents (as dicts, or with `yield_steps=True`
-    one `StepBatch` per optimizer step). `counts_dir` keeps the token counts (counted on first use, by this process
-    unless `count_missing` is False: then it waits for them); `counts_files` names them instead (one per file)."""
+    """Yields one `StepBatch` of this rank's span-corrupted micro-batches of packed documents per optimizer step."""
 
     sample_name = "chunks"
 
-    def __init__(self, files, tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000, seed=0, rank=0,
-                 world_size=1, ultra_low_mem=True, gradient_accumulation_steps=1, yield_steps=False,
-                 pad_to_multiple_of=1, text_column="text", noise_density=0.15, mean_noise_span_length=3.0,
-                 counts_dir=DEFAULT_COUNTS_DIR, count_missing=True, counts_files=None):
-        super().__init__(files, (text_column,), batch_size, buffer_size, seed, rank, world_size, ultra_low_mem,
-                         gradient_accumulation_steps, yield_steps, pad_to_multiple_of)
-        self.corruption = SpanCorruption(noise_density, mean_noise_span_length)
-        self.max_seq_len = int(max_seq_len)
-        self.chunk_length = self.corruption.chunk_length(self.max_seq_len)
-        self._sentinels = sentinel_ids(tokenizer, self.corruption.spans(self.chunk_length), self.max_seq_len)
+    def __init__(self, spec: StreamSpec, tokenizer, text: TextSpec = TextSpec()):
+        super().__init__(spec, (text.text_column,))
+        self.corruption = text.corruption
+        self.chunk_length = self.corruption.chunk_length(spec.max_seq_len)
+        self._sentinels = sentinel_ids(tokenizer, self.corruption.spans(self.chunk_length), spec.max_seq_len)
         self._encoder = shared_encoder(tokenizer, None)
         self._pad_id, self._eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        counts_files = counts_files or counts_paths(counts_dir, self._paths, text_column, self._encoder)
-        self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text_column, self._encoder,
-                                                                       counts_files, count_missing)]
+        counts_files = list(text.counts_files) or counts_paths(text.counts_dir, self._paths, text.text_column,
+                                                               self._encoder)
+        self._totals = [RunningTotals(path) for path in ensure_counts(self._paths, text.text_column, self._encoder,
+                                                                       counts_files, text.count_missing)]
         for totals, rows in zip(self._totals, self._file_rows):
             if len(totals) != rows + 1:
                 raise UserError(f"{totals.file}: token counts of another file; delete it to count again")
@@ -96,7 +106,7 @@ class PackedTextDataset(WindowedStream):
     def _window(self, epoch: int, window: int, layout_size: int) -> np.ndarray:
         """The window's documents, shuffled, as one token stream (each document ends in [EOS])."""
         texts = documents(self._read_window_rows(epoch, window)[self.columns[0]])
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(texts))
+        order = np.random.default_rng([self.spec.seed, epoch, window]).permutation(len(texts))
         tokens = tokenize(self._encoder, texts.take(order)).flat
         starts = self.window_starts(epoch)
         if len(tokens) != starts[window + 1] - starts[window]:
@@ -116,13 +126,12 @@ class PackedTextDataset(WindowedStream):
                   for w, tokens in zip(needed, self._windows(epoch, needed, layout_size, windows, reader))]
         return np.concatenate(pieces)
 
-    def _build_step(self, tokens: np.ndarray, epoch: int, lo: int, micro_steps):
+    def _build_step(self, tokens: np.ndarray, epoch: int, lo: int):
         length = self.chunk_length
-        chunks = np.arange(-(-len(tokens) // length))
-        slices = np.array_split(chunks, self.world_size * self.gradient_accumulation_steps)
-        batches = [self._micro_batch(tokens, epoch, lo, slices[self._slot_of(m)]) for m in micro_steps]
-        last = len(tokens) - (len(chunks) - 1) * length
-        step_tokens = (len(chunks) - 1) * self.corruption.target_length(length) + self.corruption.target_length(last)
+        chunks = -(-len(tokens) // length)
+        batches = [self._micro_batch(tokens, epoch, lo, part) for part in self._slices(chunks)]
+        last = len(tokens) - (chunks - 1) * length
+        step_tokens = (chunks - 1) * self.corruption.target_length(length) + self.corruption.target_length(last)
         return batches, step_tokens, 0
 
     def _micro_batch(self, tokens: np.ndarray, epoch: int, lo: int, chunks: np.ndarray) -> MicroBatch:
@@ -132,11 +141,11 @@ class PackedTextDataset(WindowedStream):
                  for c in chunks]
         return MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
                                  Ragged.from_lists([targets for _, targets in pairs]), self._pad_id,
-                                 self.pad_to_multiple_of)
+                                 self.spec.pad_to_multiple_of)
 
     def corrupt(self, chunk: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Input and target of chunk `index` of `epoch`: the same spans whenever and wherever it is built."""
-        return self.corruption.corrupt(chunk, mask_generator(self.seed, epoch, index), self._sentinels, self._eos_id)
+        return self.corruption.corrupt(chunk, mask_generator(self.spec.seed, epoch, index), self._sentinels, self._eos_id)
 
 
 def mask_generator(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Union
 
+from preparation.layout import prepared_file
+
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # `auto` decides from the machine's RAM (under 15 GB: low-memory settings), once, on the main process.
@@ -32,7 +34,9 @@ def split_paths(text: str) -> list[str]:
 def with_resolved_paths(cfg):
     """A copy of a train config whose file and directory fields are absolute (see `resolve_path`)."""
     paths = ("train_file", "validation_file", "tokenizer_dir", "init_from", "output_dir", "log_dir")
-    return replace(cfg, **{name: ",".join(map(resolve_path, split_paths(getattr(cfg, name)))) for name in paths})
+    resolved = replace(cfg, **{name: ",".join(map(resolve_path, split_paths(getattr(cfg, name)))) for name in paths})
+    # A directory written by `prepare` is its valid.parquet here (as train_file, expand_paths takes its train.parquet).
+    return replace(resolved, validation_file=prepared_file(resolved.validation_file, "valid"))
 
 
 class GivenFlags(frozenset):
@@ -137,7 +141,7 @@ class TrainConfig:
     """Micro-batches per optimizer step on each process."""
     optimizer: Literal["adafactor_t5", "adafactor", "adamw"] = "adafactor_t5"
     """adafactor_t5: relative steps at the rate measured best (default); adafactor: the original project's; adamw:
-    one absolute rate for every tensor. learn_rate means the same for each (see the README)."""
+    one absolute rate for every tensor. learn_rate means the same for each (docs/TRAINING.md)."""
     learn_rate: float = bounded(1e-4, min=0.0)
     """Peak learning rate, reached at the end of warmup: 1e-4 is the usual rate for every --optimizer."""
     warmup_steps: int = bounded(1024, min=0)
@@ -169,7 +173,7 @@ class TrainConfig:
     keep_latest_n_ckp: int = bounded(5, min=0)
     """Best models (by BLEU-4; span_corruption: by eval loss) kept on disk; 0 keeps none."""
     eval_max_samples: int = bounded(1000, min=0)
-    """Validation rows per evaluation (greedy generation is slow; see the README); span_corruption: chunks."""
+    """Validation rows per evaluation (greedy generation is slow: docs/TRAINING.md); span_corruption: chunks."""
     eval_batch_size: int = bounded(32, min=1)
     """Rows per generation batch during evaluation."""
     max_steps: int = bounded(0, min=0)
@@ -287,6 +291,9 @@ class PlanFlags:
 
     num_processes: int = bounded(1, min=1)
     """Processes (GPUs) of the planned run, over all machines."""
+    device: Literal["gpu", "cpu"] = "gpu"
+    """What trains: gpu (20 GB cards, the guide's box) or cpu (the model, its gradients and activations in host
+    RAM, as with ACCELERATE_USE_CPU=true)."""
     num_samples: int = bounded(0, min=0)
     """Training rows to plan for (0: count the rows of train_file in its parquet footers)."""
     step_time: float = bounded(0.0, min=0.0)
@@ -322,6 +329,9 @@ class TokenizerFlags:
     """Vocabulary size, including the 4 special tokens and the 256 bytes."""
     max_rows: int = bounded(40_000, min=0)
     """Rows, spread evenly over the file, to train on (0 = all rows: several GB of RAM on 1M distinct rows)."""
+    overwrite: bool = False
+    """Replace what --tokenizer_dir holds (a tokenizer, or other files); models trained with an old tokenizer do
+    not work with the new one."""
 
 
 @dataclass
@@ -342,21 +352,58 @@ class EvaluateFlags(SavedModelFlags):
     """Rows to score: the first ones with a non-empty prompt and response."""
     batch_size: int = bounded(32, min=1)
     """Rows per generation batch."""
-    max_seq_len: int = bounded(192, min=8)
-    """Most tokens of a prompt and of a generated answer."""
+    max_seq_len: int = bounded(0, min=0)
+    """Most tokens of a prompt and of a generated answer (0: the max_seq_len the model was trained with, as its
+    config.json records it; 192 for a model that does not say)."""
 
 
 @dataclass
-class GenerateFlags(SavedModelFlags):
-    """`generate`'s flags."""
+class DecodingSettings:
+    """How each token of an answer is chosen (generate, chat, serve; both engines; docs/SERVING.md)."""
 
-    prompt: str = required()
-    """The prompt (quote it when it holds spaces)."""
-    max_new_tokens: int = bounded(192, min=1)
-    """Most tokens of the answer (greedy decoding)."""
+    max_new_tokens: int = bounded(192, min=1, max=4096)
+    """Most tokens of the answer."""
+    num_beams: int = bounded(1, min=1, max=32)
+    """Beam search over this many candidates (1: greedy, or sampling with --do_sample). generate only: chat and
+    serve stream one candidate."""
+    do_sample: bool = False
+    """Sample each token from the model's distribution (shaped by temperature, top_k, top_p) instead of taking
+    the likeliest (greedy, the default)."""
+    temperature: float = bounded(1.0, min=0.01, max=10.0)
+    """Sampling: divide the logits by this (below 1: safer, above 1: more varied)."""
+    top_k: int = bounded(0, min=0)
+    """Sampling: only the k likeliest tokens (0: no limit)."""
+    top_p: float = bounded(1.0, min=0.01, max=1.0)
+    """Sampling: only the likeliest tokens whose probabilities add up to top_p (1: no limit)."""
+    repetition_penalty: float = bounded(1.0, min=0.1, max=10.0)
+    """Lower the score of every token already in the answer by this factor (1: none; 1.2-1.5 stops a model that
+    repeats itself)."""
+    no_repeat_ngram_size: int = bounded(0, min=0)
+    """Never repeat an n-gram of this many tokens within the answer (0: no rule)."""
+    seed: int = bounded(-1, min=-1, max=2**32 - 1)
+    """Seed of the sampling: the same seed and settings give the same answer (-1: a new seed every time)."""
+
+
+@dataclass
+class GenerateFlags(SavedModelFlags, DecodingSettings):
+    """`generate`'s flags: one prompt (--prompt) or every row of a file (--file, --output)."""
+
+    prompt: str = ""
+    """The prompt (quote it when it holds spaces). Give --prompt or --file."""
     engine: Literal["transformers", "ctranslate2"] = "transformers"
     """transformers: --model_dir is a saved model (best/, final/); ctranslate2: a directory written by `export`
-    (same greedy answer, faster on a CPU)."""
+    (same greedy and beam answers, faster on a CPU)."""
+    file: str = ""
+    """A parquet file of prompts: every row is answered into --output (instead of --prompt)."""
+    output: str = ""
+    """With --file: the parquet written, the input's columns plus `answer`. Re-running the same command after an
+    interruption continues where it stopped."""
+    prompt_column: str = "prompt"
+    """With --file: the column of prompts."""
+    batch_size: int = bounded(32, min=1)
+    """With --file: prompts answered together (rows of similar length are batched together)."""
+    part_rows: int = bounded(1024, min=1)
+    """With --file: rows per part written to disk as it goes; an interruption loses at most one part's work."""
 
 
 @dataclass
@@ -377,3 +424,98 @@ class ExportFlags(SavedModelFlags):
     """Weight type: none keeps fp32 (the same answers as transformers); int8 = 4x smaller, faster on CPU, answers
     may differ slightly; int8_float32: int8 weights, fp32 for the rest; float16 / bfloat16: half the size, for a
     GPU (a CPU without them computes in fp32)."""
+
+
+@dataclass
+class ChatFlags(SavedModelFlags, DecodingSettings):
+    """`chat`'s flags."""
+
+    max_seq_len: int = bounded(256, min=8)
+    """Most tokens of the prompt the model reads (earlier turns and the new message, by the chat template): the
+    oldest turns are left out to fit."""
+
+
+@dataclass
+class ServeFlags(SavedModelFlags, DecodingSettings):
+    """`serve`'s flags. The decoding flags are the defaults of a request that does not set its own."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface, then set --api_key)."""
+    port: int = bounded(8000, min=1, max=65535)
+    """Port to listen on."""
+    api_key: str = ""
+    """When set, every /v1 request needs `Authorization: Bearer KEY` (401 otherwise)."""
+    max_seq_len: int = bounded(256, min=8)
+    """Most tokens of a prompt (the conversation by the chat template): the oldest turns are left out to fit,
+    400 when even the last message does not."""
+    max_batch: int = bounded(8, min=1, max=256)
+    """Requests decoded together, one token each per step; new requests join at the next step."""
+    queue_size: int = bounded(32, min=0)
+    """Requests waiting for a place in the batch; beyond them a request gets 429 with Retry-After."""
+    max_body_kb: int = bounded(256, min=1)
+    """Largest request body accepted, in KiB (413 beyond)."""
+    drain_seconds: float = bounded(30.0, min=0.0)
+    """On Ctrl-C or SIGTERM, how long requests in flight may take to finish before the server exits."""
+
+
+@dataclass
+class PrepareFlags:
+    """`prepare`'s flags: raw files in, clean deduplicated shuffled train/valid parquet out (docs/PREPARE.md)."""
+
+    input: str = required()
+    """Raw files: comma-separated paths or globs (quote them): parquet, jsonl, json (an array of objects), csv,
+    tsv, txt, each optionally .gz or .zst."""
+    output_dir: str = "data/prepared"
+    """Where train.parquet, valid.parquet, prepare_report.json and the length histograms go: a new or empty
+    directory, or one prepare wrote (an unfinished run there resumes)."""
+    objective: Literal["seq2seq", "span_corruption"] = "seq2seq"
+    """seq2seq: rows of prompt and response; span_corruption: documents in a text column (as train reads them)."""
+    format: Literal["auto", "parquet", "jsonl", "json", "csv", "tsv", "text"] = "auto"
+    """auto: from each file's extension (after .gz/.zst); otherwise every input is read as this format."""
+    text_blocks: bool = False
+    """Plain text: a document is a block of lines between blank lines (False: one document per line)."""
+    prompt_column: str = ""
+    """The prompt's field ("" = the first of prompt, instruction (+ input), question, query, input, ...; or a
+    ChatML messages / ShareGPT conversations list, whose last assistant turn is the response)."""
+    response_column: str = ""
+    """The response's field ("" = the first of response, output, answer, target, completion, ...)."""
+    text_column: str = ""
+    """span_corruption: the documents' field ("" = the first of text, content, document, passage, body)."""
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normalisation. NFKC also folds compatibility forms, which rewrites full-width Chinese punctuation
+    (，→ ,) and full-width letters: choose it only if you want that."""
+    remove_invisible: bool = True
+    """Remove control characters (except tab and newline) and invisible ones (zero-width spaces and joiners,
+    direction marks, soft hyphens, BOM)."""
+    collapse_whitespace: bool = True
+    """Runs of spaces and tabs become one space, lines lose their edge spaces, 3+ newlines become one blank line."""
+    traditional_to_simplified: bool = False
+    """Convert Traditional to Simplified Chinese with OpenCC (t2s; pip install opencc)."""
+    min_chars: int = bounded(2, min=0)
+    """Drop rows with fewer characters than this (prompt and response together, after cleaning)."""
+    max_chars: int = bounded(20_000, min=1)
+    """Drop rows with more characters than this (prompt and response together, after cleaning)."""
+    min_cjk_share: float = bounded(0.0, min=0.0, max=1.0)
+    """Drop rows whose share of CJK characters (among non-space characters) is below this (0 = off)."""
+    dedup: Literal["none", "exact", "near"] = "near"
+    """exact: drop repeats of a row identical after cleaning; near: also rows whose character n-gram Jaccard
+    similarity to an earlier row reaches --dedup_threshold (MinHash + LSH). The first row of a cluster stays."""
+    dedup_threshold: float = bounded(0.8, min=0.3, max=1.0)
+    """Jaccard similarity (of character n-gram sets) from which two rows are near duplicates."""
+    dedup_ngram: int = bounded(5, min=1, max=32)
+    """Characters per n-gram (shingle) for near deduplication."""
+    num_perm: int = bounded(128, min=16, max=1024)
+    """MinHash permutations: more estimate the Jaccard more precisely (std ~ sqrt(J(1-J)/num_perm)) and cost
+    more time and disk (4 bytes a row each)."""
+    valid_rows: int = bounded(1000, min=0)
+    """Rows of valid.parquet, drawn by the shuffle after deduplication (0: no validation file)."""
+    valid_fraction: float = bounded(0.0, min=0.0, max=0.5)
+    """When above 0: this share of the kept rows goes to valid.parquet instead of --valid_rows."""
+    seed: int = 0
+    """Seed of the shuffle and of the MinHash permutations: the same seed, flags and inputs give byte-identical
+    files."""
+    examples: int = bounded(5, min=0, max=100)
+    """Removed near duplicates shown in prepare_report.json, each with the row it duplicates."""
+    overwrite: bool = False
+    """Replace an --output_dir prepared earlier with other flags (its files are replaced only when the new run
+    finishes)."""

@@ -6,6 +6,7 @@ flag is reported in a fraction of a second.
 """
 from commands.cli import command, main
 from config import (
+    ChatFlags,
     DemoFlags,
     EvaluateFlags,
     ExportFlags,
@@ -13,6 +14,8 @@ from config import (
     GivenFlags,
     PlanFlags,
     PlotFlags,
+    PrepareFlags,
+    ServeFlags,
     T5ModelConfig,
     T5ModelConfigDemo,
     TokenizerFlags,
@@ -56,8 +59,10 @@ def evaluate(flags: EvaluateFlags):
 
 @command
 def generate(flags: GenerateFlags):
-    """Print a saved model's answer to a prompt."""
-    from commands.saved_model import generate_command
+    """Print a saved model's answer to a prompt (--prompt), or answer every row of a parquet file (--file, --output).
+
+    Greedy by default; beam search, sampling and repetition penalties by the decoding flags (docs/SERVING.md)."""
+    from commands.generate import generate_command
     generate_command(flags)
 
 
@@ -86,8 +91,44 @@ def plot(flags: PlotFlags):
     run_plot(flags.output_dir)
 
 
+@command
+def chat(flags: ChatFlags):
+    """Talk with a saved model in the terminal: each answer is printed as it is generated.
+
+    Earlier turns go into the prompt by the chat template (docs/SERVING.md), the oldest left out to fit
+    --max_seq_len. /reset forgets them, /exit (or Ctrl-D) leaves, Ctrl-C stops the answer being written."""
+    from commands.chat import chat_command
+    chat_command(flags)
+
+
+@command
+def serve(flags: ServeFlags):
+    """Serve a saved model over HTTP: an OpenAI-compatible API and a chat page (docs/SERVING.md).
+
+    /v1/chat/completions (streamed or whole), /v1/models, /health, and the page at /. Concurrent requests are
+    decoded together; Ctrl-C or SIGTERM lets the requests in flight finish, then exits."""
+    from commands.serve import serve_command
+    serve_command(flags)
+
+
+@command
+def prepare(flags: PrepareFlags):
+    """Turn raw files (parquet, jsonl, json, csv, tsv, txt; .gz/.zst) into clean, deduplicated train/valid parquet.
+
+    Rows are mapped to prompt/response (or text), cleaned by the rules below (each counted), deduplicated exactly
+    and by MinHash near-duplicate detection, shuffled with a seed and split after deduplication (no validation row
+    duplicates a training row), and written in row groups of 5,000 with prepare_report.json and length histograms.
+    Memory stays bounded (signatures and band keys are spilled to disk); an interrupted run resumes when re-run
+    with the same flags. `train --train_file=DIR --validation_file=DIR`, `plan` and `train_tokenizer` accept the
+    output directory. See docs/PREPARE.md."""
+    from commands.prepare import prepare_command
+    prepare_command(flags)
+
+
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "demo": demo, "evaluate": evaluate,
             "generate": generate, "plan": plan, "plot": plot, "export": export}
+COMMANDS.update(chat=chat, serve=serve)
+COMMANDS.update(prepare=prepare)
 
 if __name__ == "__main__":
     main(COMMANDS)

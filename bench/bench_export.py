@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from commands.demo import demo_rows  # noqa: E402
-from commands.export import export_model, greedy_ids, load_translator  # noqa: E402
+from commands.export import export_model  # noqa: E402
+from inference.ctranslate2 import greedy_ids, load_translator  # noqa: E402
 from config import T5ModelConfig, resolve_path  # noqa: E402
 
 SMOKE_DEMO = ["--train_rows=64", "--valid_rows=16", "--epochs=1", "--eval_batch_size=16", "--d_model=32",
@@ -63,7 +64,7 @@ def answer_lengths(rows, eos_id: int) -> list[int]:
 def transformers_engine(model_dir: str):
     import torch
 
-    from commands.saved_model import load_saved_model
+    from inference.saved_model import load_saved_model
 
     model, tokenizer = load_saved_model(model_dir)
 

@@ -3,8 +3,8 @@
     python bench/bench_train.py [--threads 1] [--rounds 3] [--profile]
 
 Contenders, each on the same steps (same model config and seed, same batches):
-* trainer: the real run. `utils.run_setup.prepare_run` builds it (Accelerator through `utils.runtime.start`,
-  DataFeed, StepRunner, checkpointer, metrics, MemoryHygiene) and `utils.trainer.train_loop` drives it, with
+* trainer: the real run. `training.run.build_run` builds it (Accelerator through `training.runtime`,
+  DataFeed, StepRunner, checkpointer, metrics, MemoryHygiene) and `training.loop.fit` drives it, with
   evaluation and saving off (eval_max_samples=0, keep_latest_n_ckp=0, save_steps beyond the run). A wrapper on
   `MemoryHygiene.after_step`, the loop's last per-step hook, time-stamps every step, so a step's time covers all
   the loop does for it: reading and tokenizing data windows, building the batch, the step itself (token-summed
@@ -165,7 +165,7 @@ def profile(run, clock, start, steps, hygiene, bare_model, bare_optimizer, bundl
     profiler.disable()
     stats = pstats.Stats(profiler)
     loop, _ = cumulative(stats, "training/loop.py", "fit")
-    print(f"\nprofile of one trainer round ({steps + 1} steps; inclusive seconds, share of train_loop):")
+    print(f"\nprofile of one trainer round ({steps + 1} steps; inclusive seconds, share of fit):")
     parts = [("StepRunner.run (whole step)", "training/step.py", "run"),
              ("  forward + token loss", "training/step.py", "forward"),
              ("  accelerator.backward", "accelerate/accelerator.py", "backward"),
@@ -218,7 +218,7 @@ def main() -> None:
         clock = StepClock(run.memory)
         default_hygiene = (run.memory.cleanup_steps, run.memory.log_steps)
 
-        # Before train_loop freezes the start-up objects, a cleanup has all of them to scan.
+        # Before fit freezes the start-up objects, a cleanup has all of them to scan.
         unfrozen_release = time_calls(release_memory, 5)[1]
         # Warm-up, untimed: steps [0, first) through the real loop, leaving the state at the range's start.
         run.cfg.max_steps = first
@@ -245,7 +245,7 @@ def main() -> None:
               f"{args.rounds} interleaved rounds, best round kept; memory hygiene: cleanup every "
               f"{default_hygiene[0]} steps, report every {default_hygiene[1]}")
         contenders = {
-            "trainer (train_loop, real pieces)": lambda: trainer_round(run, clock, start, steps, default_hygiene),
+            "trainer (fit, real pieces)": lambda: trainer_round(run, clock, start, steps, default_hygiene),
             "trainer, memory hygiene off": lambda: trainer_round(run, clock, start, steps, (0, 0)),
             "bare loop": lambda: bare_round(bare_model, bare_optimizer, bundles, clip=False),
             "bare loop + clip_grad_norm_": lambda: bare_round(bare_model, bare_optimizer, bundles, clip=True),
@@ -262,19 +262,19 @@ def main() -> None:
         for name, seconds in best.items():
             print(f"{name:<38} {1 / seconds:8.2f} {1000 * seconds:8.2f} {bare / seconds:8.3f} "
                   f"{best['bare loop + clip_grad_norm_'] / seconds:13.3f}")
-        ratio = bare / best["trainer (train_loop, real pieces)"]
+        ratio = bare / best["trainer (fit, real pieces)"]
         print(f"trainer/bare = {ratio:.3f} (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})")
 
         release_best, release_median = time_calls(release_memory, args.memory_calls)
         report_best, report_median = time_calls(memory_report, args.memory_calls)
         cleanup_steps, log_steps = default_hygiene
         amortized = release_median / cleanup_steps + report_median / log_steps
-        trainer_step = best["trainer (train_loop, real pieces)"]
+        trainer_step = best["trainer (fit, real pieces)"]
         measured = trainer_step / best["trainer, memory hygiene off"] - 1
         print(f"\nmemory hygiene ({args.memory_calls} calls each, in this process):")
         print(f"    release_memory() (gc.collect{' + empty_cache' if torch.cuda.is_available() else ''}): "
               f"best {1000 * release_best:.2f} ms, median {1000 * release_median:.2f} ms (start-up objects frozen, "
-              f"as train_loop runs it); {1000 * unfrozen_release:.1f} ms before train_loop froze them")
+              f"as fit runs it); {1000 * unfrozen_release:.1f} ms before fit froze them")
         print(f"    memory_report(): best {1000 * report_best:.2f} ms, median {1000 * report_median:.2f} ms")
         print(f"    amortized (median/{cleanup_steps} + median/{log_steps}): {1000 * amortized:.2f} ms per step = "
               f"{100 * amortized / trainer_step:.2f} % of a trainer step")

@@ -131,7 +131,18 @@ def dispatch(commands: dict, argv: list[str]) -> None:
         guess = closest(name, commands) if name else None
         what = (f"unknown command {name!r}" if name else "no command") + (f" (did you mean {guess}?)" if guess else "")
         sys.exit(report([f"{what}; the commands are {', '.join(commands)} (see --help)"], EXIT_USER_ERROR))
+    repeated = repeated_flags(argv[1:])
+    if repeated:  # Fire would keep the last value silently: a command line that says two things is a mistake
+        sys.exit(report([f"--{name} is given {count} times: give it once" for name, count in repeated],
+                        EXIT_USER_ERROR))
     fire.Fire(commands, command=argv)
+
+
+def repeated_flags(arguments: list[str]) -> list[tuple[str, int]]:
+    """Flags named more than once (`--a=1 --a 2`, `--a-b` and `--a_b` alike), with their counts, in order."""
+    names = [argument[2:].split("=", 1)[0].replace("-", "_") for argument in arguments
+             if argument.startswith("--") and len(argument) > 2]
+    return [(name, names.count(name)) for name in dict.fromkeys(names) if names.count(name) > 1]
 
 
 def leave(exit_code: int, every_rank: bool) -> None:

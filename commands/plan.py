@@ -7,7 +7,7 @@ Every train and model flag works here as in `train`. Rows come from the parquet 
 import os
 import shutil
 
-from commands.plan_memory import GIB, GPU_BUDGET_BYTES
+from commands.plan_memory import GIB, GPU_BUDGET_BYTES, window_rows
 from commands.plan_report import report
 from config import PlanFlags, with_resolved_paths
 from utils.errors import UserError, UserErrors
@@ -158,14 +158,26 @@ def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool
         analytic
 
 
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimizer_bytes: int, probe: bool,
-             notes: list) -> dict:
+             notes: list, on_cpu: bool = False) -> dict:
+    """What the device holds: the model, its gradients, the optimizer state and the activations. On a CPU they are
+    in host RAM, with no CUDA context and no 20 GB card to fit."""
     from commands.plan_memory import gpu_memory
 
     activations, method, analytic = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes)
     rows, seq = cfg.batch_size_per_gpu, cfg.max_seq_len
     parts = gpu_memory(parameters, trainable, optimizer_bytes, activations)
+    if on_cpu:
+        parts["cuda_context"] = 0
     total = sum(parts.values())
+    if on_cpu:
+        return dict(parts=parts, total=total, method=method, suggestions=[])
 
     def total_with(other_rows: int, other_seq: int) -> int:
         # What-ifs scale the measured activations by the analytic model's ratio: no further probe needed.
@@ -192,19 +204,22 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimi
     return dict(parts=parts, total=total, method=method, suggestions=suggestions)
 
 
-def host_ram_plan(cfg, parameters: int, row_bytes: float, tokens_per_row: float) -> dict:
+def host_ram_plan(cfg, parameters: int, row_bytes: float, tokens_per_row: float, rows: int, on_cpu: bool = False
+                  ) -> dict:
+    """The host's share besides the device's: on a CPU the model lives in RAM already (counted with the device's
+    parts), and there is no CUDA runtime."""
     import psutil
     import torch
 
     from training.runtime import decide
 
     # The window being trained on and the one read ahead: text and token ids, once more while they are reordered.
-    window = 2 * cfg.dataloader_buffer_size * (row_bytes + 2 * tokens_per_row * TOKEN_ID_BYTES)
+    window = 2 * window_rows(cfg, rows) * (row_bytes + 2 * tokens_per_row * TOKEN_ID_BYTES)
     workers, ram = decide(cfg).num_workers, psutil.virtual_memory().total  # as the trainer decides on this machine
     parts = {
         "libraries": psutil.Process().memory_info().rss,
-        "cuda_runtime": CUDA_HOST_BYTES,
-        "model_copy": MODEL_BYTES_PER_PARAMETER * parameters,
+        "cuda_runtime": 0 if on_cpu else CUDA_HOST_BYTES,
+        "model_copy": 0 if on_cpu else MODEL_BYTES_PER_PARAMETER * parameters,
         "data_window": round(window),
         "workers": round(workers * (WORKER_BYTES + window)),
     }
@@ -245,9 +260,13 @@ def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
     trainable = sum(math.prod(shape) for shape in trained_shapes)
     optimizer_bytes = state_bytes(cfg.optimizer, trained_shapes)
     tokens_per_row = packed["tokens"] / rows if packed else 2 * cfg.max_seq_len
-    host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES, tokens_per_row)  # before the probe runs
-    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, trainable, optimizer_bytes, flags.probe, notes)
-    plan = dict(cfg=cfg, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
+    on_cpu = flags.device == "cpu"
+    host = host_ram_plan(cfg, parameters, row_bytes or ASSUMED_ROW_BYTES, tokens_per_row, rows,
+                         on_cpu)  # before the probe
+    gpu = gpu_plan(cfg, model_cfg, vocab, parameters, trainable, optimizer_bytes, flags.probe, notes, on_cpu)
+    if not on_cpu and not torch_sees_a_gpu():
+        notes.append("planned for GPUs; this machine has none: --device=cpu plans a run on its CPU")
+    plan = dict(cfg=cfg, device=flags.device, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
                 vocab_source=vocab_source, parameters=parameters, trainable=trainable, gpu=gpu, host=host,
                 disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes, step_time=flags.step_time or None)
     printed = report(plan)

@@ -216,6 +216,11 @@ class ProbedActivations:
                                target_len)
 
 
+def window_rows(cfg, rows: int) -> int:
+    """Rows a data window holds: the buffer, or the whole file when it is smaller."""
+    return min(cfg.dataloader_buffer_size, rows)
+
+
 def gpu_memory(parameters: int, trainable: int, optimizer_bytes: int, activation_bytes: int) -> dict:
     """One process's GPU memory in bytes, part by part, in the order a reader adds them up: gradients only for the
     `trainable` parameters. With several processes the gradients are views into DDP's all-reduce buckets

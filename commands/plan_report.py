@@ -4,7 +4,7 @@ renderings cannot drift apart."""
 import json
 from dataclasses import dataclass, field
 
-from commands.plan_memory import GIB, GPU_BUDGET_BYTES
+from commands.plan_memory import GIB, GPU_BUDGET_BYTES, window_rows
 
 GUIDE_STEP_SECONDS = (0.5, 0.8)  # the guide's estimate per optimizer step on its 3 GPUs: only an example
 
@@ -85,7 +85,7 @@ def schedule_section(plan: dict) -> Section:
           if packed else []),
         Figure("", processes, key="num_processes"),
         Figure("global batch", steps["global_batch_size"], f"{steps['global_batch_size']:,}",
-               f"{cfg.batch_size_per_gpu} per GPU x {processes} process{'es' * (processes > 1)} x {accumulation} "
+               f"{cfg.batch_size_per_gpu} per process x {processes} process{'es' * (processes > 1)} x {accumulation} "
                "accumulation steps", "global_batch_size"),
         Figure("steps per epoch", steps["steps_per_epoch"], f"{steps['steps_per_epoch']:,}",
                f"ceil({'chunks' if packed else 'rows'} / global batch)", "steps_per_epoch"),
@@ -120,27 +120,33 @@ def model_section(plan: dict) -> Section:
 
 def gpu_section(plan: dict) -> Section:
     cfg, gpu, packed = plan["cfg"], plan["gpu"], plan["packing"]
-    parts, processes = gpu["parts"], plan["steps"]["num_processes"]
+    parts, processes, on_cpu = gpu["parts"], plan["steps"]["num_processes"], plan["device"] == "cpu"
     precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(cfg.mixed_precision, "fp32")
     spare = GPU_BUDGET_BYTES - gpu["total"]
     part = lambda name, label, note: Figure(label, gib(parts[name]), f"{gib(parts[name]):.2f}", note)  # noqa: E731
-    return Section("GPU memory per process (GiB)", [
+    activations = ((f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target "
+                    "tokens" if packed else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
+                   + f", {precision} ({gpu['method']}), peak"
+                   + ("" if on_cpu else ", attention as CUDA's memory-efficient SDPA kernel keeps it"))
+    if on_cpu:
+        fit = "in host RAM, with the host's share below"
+    else:
+        fit = (f"{'fits' if spare >= 0 else 'does NOT fit'} a 20 GiB card ({abs(spare) / GIB:.1f} GiB "
+               + ("left)" if spare >= 0 else "over)"))
+    return Section("Model memory per process (GiB, host RAM: a CPU run)" if on_cpu
+                   else "GPU memory per process (GiB)", [
         part("weights", "weights", "fp32, 4 bytes per parameter"),
         part("gradients", "gradients", "fp32, kept between the micro-batches of a step"
              + ("; they are DDP's all-reduce buckets (no copy)" if processes > 1 else "")),
         part("optimizer_state", "optimizer state", f"--optimizer={cfg.optimizer}: " + (
             "two fp32 moments, 8 bytes per parameter" if cfg.optimizer == "adamw"
             else "factored second moments, a row and a column per matrix")),
-        part("activations", "activations",
-             (f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target tokens"
-              if packed else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
-             + f", {precision} ({gpu['method']}), peak, attention as CUDA's memory-efficient SDPA kernel keeps it"),
-        part("cuda_context", "CUDA context", "outside PyTorch's allocator"),
-        Figure("total", gib(gpu["total"]), f"{gib(gpu['total']):.2f}",
-               f"{'fits' if spare >= 0 else 'does NOT fit'} a 20 GiB card ({abs(spare) / GIB:.1f} GiB "
-               + ("left)" if spare >= 0 else "over)"), "gpu_memory_gb_per_process"),
+        part("activations", "activations", activations),
+        *([] if on_cpu else [part("cuda_context", "CUDA context", "outside PyTorch's allocator")]),
+        Figure("total", gib(gpu["total"]), f"{gib(gpu['total']):.2f}", fit, "gpu_memory_gb_per_process"),
+        Figure("", plan["device"], key="device"),
         Figure("", gpu["method"], key="activation_method"), Figure("", parts["activations"], key="activation_bytes"),
-        Figure("", gpu["total"] <= GPU_BUDGET_BYTES, key="fits_20gb"),
+        Figure("", None if on_cpu else gpu["total"] <= GPU_BUDGET_BYTES, key="fits_20gb"),
     ], {"gpu_memory_breakdown_gb": {name: gib(size) for name, size in parts.items()},
         "gpu_memory_breakdown_bytes": dict(parts)})
 
@@ -149,11 +155,13 @@ def host_section(plan: dict) -> Section:
     cfg, host, processes = plan["cfg"], plan["host"], plan["steps"]["num_processes"]
     parts = host["parts"]
     part = lambda name, label, note: Figure(label, gib(parts[name]), f"{gib(parts[name]):.2f}", note)  # noqa: E731
-    return Section("Host RAM per process (GiB)", [
+    on_gpu = plan["device"] == "gpu"
+    return Section("Host RAM per process (GiB)" if on_gpu else "Host RAM besides the model, per process (GiB)", [
         part("libraries", "libraries", "python, torch, transformers: measured here"),
-        part("cuda_runtime", "CUDA runtime", "assumed: host side of the CUDA libraries"),
-        part("model_copy", "model copy", "built in RAM before it moves to the GPU"),
-        part("data_window", "data window", f"2 windows of {cfg.dataloader_buffer_size:,} rows: text and token ids"),
+        *([part("cuda_runtime", "CUDA runtime", "assumed: host side of the CUDA libraries"),
+           part("model_copy", "model copy", "built in RAM before it moves to the GPU")] if on_gpu else []),
+        part("data_window", "data window", f"2 windows of {window_rows(cfg, plan['rows']):,} rows: text and token "
+             "ids"),
         part("workers", "DataLoader workers", host["workers_note"]),
         Figure("total", gib(host["total"]), f"{gib(host['total']):.2f}",
                f"{gib(host['total'] * processes):.2f} GiB for {processes} process{'es' * (processes > 1)} on one "
@@ -185,6 +193,11 @@ def time_section(plan: dict) -> Section:
     total = [hours(steps["total_steps"], s) for s in GUIDE_STEP_SECONDS]
     examples = [Figure("", list(GUIDE_STEP_SECONDS), key="example_step_time_s"),
                 Figure("", per_epoch, key="example_hours_per_epoch"), Figure("", total, key="example_hours_total")]
+    if not seconds and plan["device"] == "cpu":  # the guide's figures are its GPUs': no example for a CPU
+        return Section("Time", [
+            Figure("step time", None, "not given", "--step_time=SECONDS, as a short run here logs it (seconds per "
+                   "step)", "step_time_s"),
+            Figure("", None, key="hours_per_epoch"), Figure("", None, key="hours_total")])
     if not seconds:
         return Section("Time", [
             Figure("step time", None, "not given", "--step_time=SECONDS, as your GPUs log it (seconds per step)",

@@ -2,13 +2,16 @@
 guarantees: bounded memory, exact resume from one number, rank-independent optimizer steps.
 
 The epoch's documents come in `WindowedStream`'s order (row groups permuted per epoch, windows of `buffer_size`
-rows); inside a window they are shuffled by (seed, epoch, window). Their tokens, each document ending in [EOS], form
-one stream per epoch, cut into chunks of `chunk_length` tokens, the length whose corrupted input is `max_seq_len`
-tokens: no token is padding, and only the epoch's last chunk may be short. A sample is a chunk. Chunk c of epoch
-e is masked with a generator seeded by (seed, e, c), so any process masks it the same, at any time.
+rows); inside a window they are shuffled. Their tokens, each document ending in [EOS], form one stream per epoch,
+cut into chunks of `chunk_length` tokens, the length whose corrupted input is `max_seq_len` tokens: no token is
+padding, and only the epoch's last chunk may be short. A sample is a chunk; the epoch visits the chunks that start
+in window w (its block) in a shuffled order before those of window w + 1 (`chunk_order`), so that a step holds
+chunks of many documents, not a few consecutive pieces of one long book, and still needs at most the windows of
+two neighbouring blocks. Chunk c of epoch e is masked by its own random stream, so any process masks it the same,
+at any time.
 
-Where window w starts in the token stream follows from the per-document token counts (`data_pipeline.token_counts`), so
-a resumed run finds its chunk without tokenizing what comes before it.
+Where window w starts in the token stream follows from the per-document token counts (`data_pipeline.token_counts`),
+so a resumed run finds its chunks without tokenizing what comes before them.
 """
 import math
 import os
@@ -21,7 +24,8 @@ from data_pipeline.parquet import open_parquet, read_batches, read_footer
 from data_pipeline.span_corruption import SpanCorruption, sentinel_ids
 from data_pipeline.token_counts import RunningTotals, counts_paths, documents, ensure_counts
 from data_pipeline.tokenize import shared_encoder, tokenize
-from data_pipeline.windows import StreamSpec, WindowedStream
+from data_pipeline.windows import (CHUNK_MASKS, CHUNK_SHUFFLE, WINDOW_SHUFFLE, StreamSpec, WindowedStream,
+                                   epoch_stream)
 from utils.errors import UnreadableData, UserError
 
 # Where a dataset built outside the trainer keeps its counts (the trainer keeps them in its output_dir).
@@ -69,7 +73,7 @@ class PackedTextDataset(WindowedStream):
             - self._rg_before
         self.num_tokens = int(self._rg_tokens.sum())
         if self.num_tokens == 0:
-            raise UserError(f"{', '.join(self._paths)}: no text in column '{text_column}' (every value null or empty)")
+            raise UserError(f"{', '.join(self._paths)}: no text in column '{text.text_column}' (every value null or empty)")
         self.num_samples = math.ceil(self.num_tokens / self.chunk_length)
         self._starts_cache = None
 
@@ -106,7 +110,7 @@ class PackedTextDataset(WindowedStream):
     def _window(self, epoch: int, window: int, layout_size: int) -> np.ndarray:
         """The window's documents, shuffled, as one token stream (each document ends in [EOS])."""
         texts = documents(self._read_window_rows(epoch, window)[self.columns[0]])
-        order = np.random.default_rng([self.spec.seed, epoch, window]).permutation(len(texts))
+        order = epoch_stream(self.spec.seed, epoch, WINDOW_SHUFFLE, window).permutation(len(texts))
         tokens = tokenize(self._encoder, texts.take(order)).flat
         starts = self.window_starts(epoch)
         if len(tokens) != starts[window + 1] - starts[window]:
@@ -115,30 +119,43 @@ class PackedTextDataset(WindowedStream):
                                  "since its tokens were counted?)")
         return tokens
 
-    def _step_samples(self, epoch: int, lo: int, hi: int, layout_size: int, windows: dict, reader) -> np.ndarray:
-        """The tokens of chunks [lo, hi) of the epoch, from the windows they lie in."""
-        starts = self.window_starts(epoch)
-        first_token, end_token = lo * self.chunk_length, min(hi * self.chunk_length, self.num_tokens)
-        first = int(np.searchsorted(starts, first_token, side="right")) - 1
-        last = int(np.searchsorted(starts, end_token - 1, side="right")) - 1
-        needed = range(first, last + 1)
-        pieces = [tokens[max(first_token - starts[w], 0): min(end_token, starts[w + 1]) - starts[w]]
-                  for w, tokens in zip(needed, self._windows(epoch, needed, layout_size, windows, reader))]
-        return np.concatenate(pieces)
+    def chunk_blocks(self, epoch: int) -> np.ndarray:
+        """Block b of the epoch: the chunks [bounds[b], bounds[b + 1]) that start in window b's tokens."""
+        return -(-self.window_starts(epoch) // self.chunk_length)
 
-    def _build_step(self, tokens: np.ndarray, epoch: int, lo: int):
-        length = self.chunk_length
-        chunks = -(-len(tokens) // length)
-        batches = [self._micro_batch(tokens, epoch, lo, part) for part in self._slices(chunks)]
-        last = len(tokens) - (chunks - 1) * length
-        step_tokens = (chunks - 1) * self.corruption.target_length(length) + self.corruption.target_length(last)
+    def chunk_order(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        """The chunks that samples [lo, hi) of the epoch are: each block's chunks in a permutation of their own."""
+        bounds = self.chunk_blocks(epoch)
+        chunks = []
+        for block in range(int(np.searchsorted(bounds, lo, side="right")) - 1,
+                           int(np.searchsorted(bounds, hi - 1, side="right"))):
+            first, end = int(bounds[block]), int(bounds[block + 1])
+            order = first + epoch_stream(self.spec.seed, epoch, CHUNK_SHUFFLE, block).permutation(end - first)
+            chunks.append(order[max(lo, first) - first: min(hi, end) - first])
+        return np.concatenate(chunks)
+
+    def _step_samples(self, epoch: int, lo: int, hi: int, layout_size: int, windows: dict, reader) -> list:
+        """(index, tokens) of the chunks that samples [lo, hi) of the epoch are, from the windows they lie in."""
+        starts, length = self.window_starts(epoch), self.chunk_length
+        chunks = self.chunk_order(epoch, lo, hi)
+        first_tokens = chunks * length
+        end_tokens = np.minimum(first_tokens + length, self.num_tokens)
+        first = int(np.searchsorted(starts, first_tokens.min(), side="right")) - 1
+        last = int(np.searchsorted(starts, end_tokens.max() - 1, side="right")) - 1
+        needed = range(first, last + 1)
+        stream = np.concatenate(self._windows(epoch, needed, layout_size, windows, reader))  # from starts[first]
+        offset = starts[first]
+        return [(int(c), stream[a - offset:b - offset]) for c, a, b in zip(chunks, first_tokens, end_tokens)]
+
+    def _build_step(self, chunks: list, epoch: int, lo: int):
+        batches = [self._micro_batch([chunks[i] for i in part], epoch) for part in self._slices(len(chunks))]
+        step_tokens = sum(self.corruption.target_length(len(tokens)) for _, tokens in chunks)
         return batches, step_tokens, 0
 
-    def _micro_batch(self, tokens: np.ndarray, epoch: int, lo: int, chunks: np.ndarray) -> MicroBatch:
-        if len(chunks) == 0:
+    def _micro_batch(self, chunks: list, epoch: int) -> MicroBatch:
+        if not chunks:
             return MicroBatch.placeholder(self._eos_id)
-        pairs = [self.corrupt(tokens[c * self.chunk_length:(c + 1) * self.chunk_length], epoch, lo + int(c))
-                 for c in chunks]
+        pairs = [self.corrupt(tokens, epoch, index) for index, tokens in chunks]
         return MicroBatch.padded(Ragged.from_lists([inputs for inputs, _ in pairs]),
                                  Ragged.from_lists([targets for _, targets in pairs]), self._pad_id,
                                  self.spec.pad_to_multiple_of)
@@ -149,9 +166,8 @@ class PackedTextDataset(WindowedStream):
 
 
 def mask_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream that masks chunk `index` of `epoch` (EVAL_STREAM: of the evaluation's chunks); the last
-    number keeps it apart from the stream that shuffles window `index` of that epoch."""
-    return np.random.default_rng([seed, epoch, index, 1])
+    """The random stream that masks chunk `index` of `epoch` (EVAL_STREAM: of the evaluation's chunks)."""
+    return epoch_stream(seed, epoch, CHUNK_MASKS, index)
 
 
 def leading_chunks(path: str, column: str, tokenizer, chunk_length: int, max_chunks: int) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset
 from data_pipeline.batch import MicroBatch, Ragged
 from data_pipeline.parquet import TEXT_COLUMNS as COLUMNS
 from data_pipeline.tokenize import shared_encoder, tokenize
-from data_pipeline.windows import StreamSpec, WindowedStream
+from data_pipeline.windows import WINDOW_SHUFFLE, StreamSpec, WindowedStream, epoch_stream
 
 # Chunks of the prompt-length order, in global batches, re-sorted by response length (best of 2-32 tried).
 _RESPONSE_SORT_CHUNK_BATCHES = 8
@@ -80,7 +80,7 @@ class PairDataset(WindowedStream):
         prompts, responses = (tokenize(self._encoder, pc.fill_null(rows[name], "")) for name in COLUMNS)
         tokenized = _Window(prompts, responses, pc.fill_null(usable, False).to_numpy())
         grouping = _length_grouping_order(tokenized.prompts.lengths, tokenized.responses.lengths,
-                                          np.random.default_rng([self.spec.seed, epoch, window]), layout_size,
+                                          epoch_stream(self.spec.seed, epoch, WINDOW_SHUFFLE, window), layout_size,
                                           head=-(window * self.buffer_size) % layout_size)
         return tokenized.take(grouping)
 

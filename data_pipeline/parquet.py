@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preparation.layout import prepared_file
 from utils.errors import UnreadableData, UserError
 
 TEXT_COLUMNS = ("prompt", "response")
@@ -19,13 +20,14 @@ READ_BUFFER_BYTES = 1 << 20  # buffered column reads without pre-buffering: a hu
 
 
 def expand_paths(files) -> list[str]:
-    """A path, a glob, or a list of either → the list of paths, in a stable order."""
+    """A path, a glob, or a list of either → the list of paths, in a stable order. A directory written by
+    `prepare` stands for its train.parquet (preparation.layout.prepared_file)."""
     patterns = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not patterns:
         raise UserError("no training files given")
     paths = []
     for pattern in map(os.fspath, patterns):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [prepared_file(pattern)]
         if not matches:
             raise UserError(f"{pattern}: no file matches this pattern")
         paths.extend(matches)

@@ -1,10 +1,18 @@
 """T5's span-corruption objective: about `noise_density` of a chunk's tokens, in spans of mean length
 `mean_noise_span_length`, are cut out; each span becomes one sentinel token in the encoder's input, and the decoder
-learns to write the spans, each after its sentinel.
+learns to write the spans, each after its sentinel. As in T5, a chunk always ends with a cut span, and a short
+chunk gets a single span. What the code does with a chunk of 40 tokens (ids 0-39; sentinel ids shown by name):
 
-    chunk:   a b c d e f g h i j
-    input:   a b <extra_id_0> e f g <extra_id_1> j [EOS]
-    target:  <extra_id_0> c d <extra_id_1> h i [EOS]
+    >>> import numpy as np
+    >>> sentinels, eos = np.array([100, 101]), 1000
+    >>> name = {100: "<extra_id_0>", 101: "<extra_id_1>", 1000: "[EOS]"}
+    >>> inputs, targets = SpanCorruption().corrupt(np.arange(40), np.random.default_rng(0), sentinels, eos)
+    >>> print(" ".join(name.get(t, str(t)) for t in inputs[26:]))
+    26 27 28 <extra_id_0> 33 34 35 36 37 <extra_id_1> [EOS]
+    >>> print(" ".join(name.get(t, str(t)) for t in targets))
+    <extra_id_0> 29 30 31 32 <extra_id_1> 38 39 [EOS]
+    >>> len(inputs), SpanCorruption().input_length(40), len(targets), SpanCorruption().target_length(40)
+    (37, 37, 9, 9)
 
 The counts follow from the chunk's length alone (so step sizes and the loss's denominator are known without
 masking anything); where the spans fall is drawn from a generator the caller seeds, so a resumed run masks the

@@ -23,6 +23,15 @@ from data_pipeline.batch import MicroBatch, StepBatch, global_batch_size, steps_
 from data_pipeline.parquet import expand_paths, open_parquet, read_batches, read_footer
 from utils.errors import UnreadableData, UserError
 
+# What each random stream of an epoch is for. numpy pads a seed list with zeros ([seed, epoch] is the stream of
+# [seed, epoch, 0]), so every stream is named by (seed, epoch, purpose, index), four numbers, never fewer.
+ROW_GROUP_ORDER, WINDOW_SHUFFLE, CHUNK_MASKS, CHUNK_SHUFFLE = 0, 1, 2, 3
+
+
+def epoch_stream(seed: int, epoch: int, purpose: int, index: int = 0) -> np.random.Generator:
+    """The random stream of `purpose` (one of the names above) for item `index` of `epoch`."""
+    return np.random.default_rng([seed, epoch, purpose, index])
+
 @dataclass(frozen=True)
 class StreamSpec:
     """What both datasets need to know to stream one rank's steps: the files, the batch settings in force, the
@@ -166,7 +175,7 @@ class WindowedStream(IterableDataset):
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Row groups in this epoch's order, and the row of the epoch where each of them ends."""
         if self._epoch_order_cache is None or self._epoch_order_cache[0] != epoch:
-            order = np.random.default_rng([self.spec.seed, epoch]).permutation(len(self._rg_rows))
+            order = epoch_stream(self.spec.seed, epoch, ROW_GROUP_ORDER).permutation(len(self._rg_rows))
             self._epoch_order_cache = (epoch, order, np.cumsum(self._rg_rows[order]))
         return self._epoch_order_cache[1:]
 

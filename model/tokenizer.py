@@ -203,18 +203,22 @@ def has_tokenizer(tokenizer_dir) -> bool:
 
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
-    """The tokenizer.json file's hash: what a saved run records, and a resume compares."""
-    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    """A hash of what splits text into ids: what a saved run records and a resume compares. A model's copy of the
+    tokenizer (final/, best/) has the fingerprint of the original, so either serves a resume."""
+    canonical = json.dumps(_ids_defining_parts(tokenizer_dir), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def tokenize_alike(first_dir, second_dir) -> bool:
-    """Whether two saved tokenizers split text into the same ids. A model's copy records the truncation length of
-    the run that saved it (and may record padding); neither changes the ids."""
-    def vocabulary(directory) -> dict:
-        described = json.loads((Path(directory) / "tokenizer.json").read_text(encoding="utf-8"))
-        return {part: value for part, value in described.items() if part not in ("truncation", "padding")}
+    """Whether two saved tokenizers split text into the same ids."""
+    return _ids_defining_parts(first_dir) == _ids_defining_parts(second_dir)
 
-    return vocabulary(first_dir) == vocabulary(second_dir)
+
+def _ids_defining_parts(tokenizer_dir) -> dict:
+    """tokenizer.json without what does not change the ids: a model's copy records the truncation length of the
+    run that saved it (and may record padding)."""
+    described = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    return {part: value for part, value in described.items() if part not in ("truncation", "padding")}
 
 
 def load_tokenizer(tokenizer_dir) -> PreTrainedTokenizerFast:

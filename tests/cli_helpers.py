@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -123,3 +124,27 @@ def assert_two_ranks_equal_one_with_double_accumulation(flags_for, steps: int) -
     assert_same_weights(final_weights(two_ranks["output_dir"]), final_weights(one_rank["output_dir"]), rtol=1e-4,
                         atol=1e-6)
     return result
+
+
+def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None,
+                   own_group: bool = False) -> subprocess.Popen:
+    """The run in the background; with `own_group`, in a process group of its own, as a terminal's foreground job
+    (Ctrl-C there signals every process of the group: the run and its DataLoader workers)."""
+    launcher = [sys.executable, entry] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+        str(free_port()), entry]
+    return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=own_group,
+                            env=child_env(ACCELERATE_USE_CPU="true", **(env or {})))
+
+
+def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if fragment in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {fragment!r}:\n{''.join(seen)[-3000:]}")

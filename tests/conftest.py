@@ -2,11 +2,17 @@
 
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import settings
+
+# No example database: the tests leave nothing in the repository (.hypothesis/), and every run draws the same way.
+settings.register_profile("repository", database=None)
+settings.load_profile("repository")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # so `import model...` works however pytest is started
@@ -16,12 +22,34 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY_VOCAB_SIZE = 1500
 
 
+SHARED_DATA_SKIP = ("needs the shared sample rows in {folder} (real Chinese Q&A rows of the original project, "
+                    "Apache-2.0; README: Tests)")
+
+
 def shared_file(name: str) -> Path:
     """Path of a file in the shared sample data; skips the test where that folder is absent."""
     path = SHARED_DATA / name
     if not path.is_file():
-        pytest.skip(f"shared data file {path} not present")
+        pytest.skip(SHARED_DATA_SKIP.format(folder=SHARED_DATA))
     return path
+
+
+def sample_rows(name: str = "sample_train_3k.parquet") -> tuple[list[str], list[str]]:
+    """Chinese Q&A rows for tests that need some, not these: the shared sample's where present, else 3,000
+    generated ones, so that such tests run on every clone."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        return tiny_corpus_rows(3000, seed=3)
+    table = pq.read_table(path, columns=["prompt", "response"])
+    return table.column("prompt").to_pylist(), table.column("response").to_pylist()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why tests skipped, once per reason, at the end of the run (`-q` alone prints only their number)."""
+    reasons = Counter(report.longrepr[2].removeprefix("Skipped: ") for report in terminalreporter.stats.get("skipped", [])
+                      if isinstance(report.longrepr, tuple))
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} skipped: {reason}")
 
 
 def write_parquet(path, prompts, responses, row_group_size=None) -> Path:
@@ -121,3 +149,8 @@ def task(tmp_path_factory, task_tokenizer_dir):
     from tests.cli_helpers import make_task_data
 
     return make_task_data(tmp_path_factory.mktemp("task_data")), task_tokenizer_dir
+
+
+# The trained demo model, its engine and the never-ending model of the decoding, chat and serve tests: defined once
+# here so that every test module shares one of each per session.
+from tests.inference_helpers import demo_engine, demo_model, endless_model  # noqa: E402,F401

@@ -12,6 +12,7 @@ Environment variables choose the patches:
 - T5LM_TEST_ECHO_FLAGS=1: `generate` prints the flags it received instead of loading a model;
 - T5LM_TEST_SLOW_FORWARD=S: every micro-batch's forward pass takes S seconds longer (a step long enough to be
   interrupted in the middle);
+- T5LM_TEST_SLOW_EVALUATION=S: every evaluation takes S seconds longer;
 - T5LM_TEST_UNREADABLE_ON_RANK=R:K: rank R cannot build its step K of the run (as if its data file broke there),
   while every other rank goes on;
 - T5LM_TEST_COUNT_COLLECTIVES=1: every optimizer step prints to stderr how many torch.distributed collectives
@@ -37,6 +38,7 @@ OOM_IN_CLIPPING_AT_STEP = "T5LM_TEST_OOM_IN_CLIPPING_AT_STEP"
 EVAL_OOM_FROM_ROWS = "T5LM_TEST_EVAL_OOM_FROM_ROWS"
 ECHO_FLAGS = "T5LM_TEST_ECHO_FLAGS"
 SLOW_FORWARD = "T5LM_TEST_SLOW_FORWARD"
+SLOW_EVALUATION = "T5LM_TEST_SLOW_EVALUATION"
 COUNT_COLLECTIVES = "T5LM_TEST_COUNT_COLLECTIVES"
 COUNT_READS = "T5LM_TEST_COUNT_READS"
 UNREADABLE_ON_RANK = "T5LM_TEST_UNREADABLE_ON_RANK"
@@ -116,6 +118,20 @@ def patch_slow_forward(seconds: float) -> None:
     step.StepRunner.forward = slow_forward
 
 
+def patch_slow_evaluation(seconds: float) -> None:
+    import time
+
+    import training.evaluation as evaluation
+
+    real_evaluate = evaluation.Evaluator.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real_evaluate(self, *args, **kwargs)
+
+    evaluation.Evaluator.evaluate = slow_evaluate
+
+
 def patch_count_collectives() -> None:
     import torch.distributed as dist
 
@@ -192,9 +208,9 @@ def patch_unreadable_step(rank: int, broken_step: int) -> None:
 
 
 def patch_echo_flags() -> None:
-    import commands.saved_model as saved_model
+    import commands.generate as generate
 
-    saved_model.generate_command = lambda flags: print(repr(flags))
+    generate.generate_command = lambda flags: print(repr(flags))
 
 
 if __name__ == "__main__":
@@ -209,6 +225,8 @@ if __name__ == "__main__":
         patch_echo_flags()
     if float(os.environ.get(SLOW_FORWARD, "0")):
         patch_slow_forward(float(os.environ[SLOW_FORWARD]))
+    if float(os.environ.get(SLOW_EVALUATION, "0")):
+        patch_slow_evaluation(float(os.environ[SLOW_EVALUATION]))
     if os.environ.get(COUNT_COLLECTIVES):
         patch_count_collectives()
     if os.environ.get(COUNT_READS):

@@ -179,3 +179,12 @@ def test_gpu_check_writes_its_report_after_every_part_so_a_part_out_of_time_cost
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["versions"]["torch"] and report["data"]["error"] == "timed out after its limit of 0.1 s"
+
+
+def test_bench_chunk_shuffle_compares_documents_per_step_in_both_orders():
+    shared_file("sample_train_3k.parquet")
+    out = bench("bench_chunk_shuffle.py", "--books", 8, "--book_tokens", 4000, "--max_seq_len", 64,
+                "--batch_size", 16, "--vocab_size", 600)
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["documents"] == 8 and figures["steps"] > 10
+    assert figures["consecutive"] < 1.5 < 5 < figures["shuffled"] <= 8

@@ -234,6 +234,14 @@ def test_missing_flags_stray_words_and_unknown_commands_are_one_line_each(argv, 
         assert line.startswith(f"error: {problem}")
 
 
+def test_a_flag_given_twice_is_an_error_not_the_last_value(tmp_path):
+    result = run_cli_raw(["plan", f"--output_dir={tmp_path}/a", "--num_samples=100", "--output-dir",
+                          f"{tmp_path}/b", "--seed=1", "--seed=1"])
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.splitlines() == ["error: --output_dir is given 2 times: give it once",
+                                          "error: --seed is given 2 times: give it once"]
+
+
 @pytest.mark.parametrize("typed", ["run, 1e5", "0x10", "True", "1_000"])
 def test_text_flags_arrive_exactly_as_typed(tmp_path, typed):
     # Fire alone would make `run, 1e5` a tuple, `0x10` the number 16 and `True` a boolean.
@@ -281,7 +289,33 @@ def test_evaluate_checks_its_file_as_train_does(tmp_path, columns, problem):
     result = run_cli_raw(["evaluate", f"--model_dir={tmp_path / 'model'}", f"--file={path}"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == f"error: --file: {path}: {problem}" + (
-        " (columns: question, answer)\n" if "missing" in problem else ", found int64\n")
+        " (columns: question, answer)" + RAW_TEXT_HINT + "\n" if "missing" in problem else ", found int64\n")
+
+
+RAW_TEXT_HINT = ("; evaluate scores prompt/response files (BLEU-4 and loss); a span-corruption model's denoising "
+                 "loss on raw text is in its run's eval lines (metrics.jsonl)")
+
+
+def test_evaluate_on_a_file_of_raw_documents_says_what_it_scores(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "wiki.parquet"
+    pq.write_table(pa.table({"text": ["一篇文章"]}), path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    result = run_cli_raw(["evaluate", f"--model_dir={tmp_path / 'model'}", f"--file={path}"])
+    assert result.returncode == 2 and result.stderr == (
+        f"error: --file: {path}: missing column 'prompt' (columns: text){RAW_TEXT_HINT}\n")
+
+
+def test_a_runs_directory_given_as_a_model_names_its_final_model(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    result = run_cli_raw(["generate", f"--model_dir={tmp_path / 'run'}", "--prompt=你好"])
+    assert result.returncode == 2 and result.stderr == (
+        f"error: --model_dir={tmp_path / 'run'}: a run's directory, not a model: give --model_dir="
+        f"{tmp_path / 'run' / 'final'} (or one of its best models, {tmp_path / 'run' / 'best' / 'step-*'})\n")
 
 
 def test_evaluate_reports_a_bad_model_and_a_bad_file_at_once(tmp_path):

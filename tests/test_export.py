@@ -8,7 +8,12 @@ import pytest
 
 from tests.cli_helpers import REPO, run_cli, run_cli_raw
 
-pytest.importorskip("ctranslate2")
+
+
+def needs_ctranslate2() -> None:
+    """Skip a test that converts or runs a model when ctranslate2 is absent (it is in requirements-test.txt); the
+    tests of the errors found before conversion, and of its absence, run without it."""
+    pytest.importorskip("ctranslate2")
 
 # One epoch of the demo (188 steps, ~10 s on one core): BLEU-4 ~0.1, so its answers are varied, half-right
 # strings of the task's characters, unlike a model of a few steps, which answers every prompt alike.
@@ -21,6 +26,7 @@ MAX_NEW_TOKENS = 24  # the demo's max_seq_len: the longest answer it was trained
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A demo model, its validation prompts, and its export (fp32), each made through the real CLI."""
+    needs_ctranslate2()
     root = tmp_path_factory.mktemp("export")
     run_cli("demo", dict(SHORT_DEMO, output_dir=root / "demo", log_dir=root / "logs"), timeout=600)
     model_dir, ct2_dir = str(root / "demo" / "final"), str(root / "exported" / "fp32")
@@ -32,6 +38,7 @@ def trained(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def barely_trained(tmp_path_factory) -> dict:
     """A demo model of 14 steps, which answers most prompts with [EOS] at once, and its export."""
+    needs_ctranslate2()
     from commands.export import export_model
 
     root = tmp_path_factory.mktemp("barely")
@@ -44,7 +51,7 @@ def barely_trained(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def transformers_model(trained):
-    from commands.saved_model import load_saved_model
+    from inference.saved_model import load_saved_model
 
     return load_saved_model(trained["model_dir"])
 
@@ -63,7 +70,7 @@ def transformers_ids(model_and_tokenizer, prompts: list[str], max_new_tokens: in
 
 
 def ctranslate2_ids(ct2_dir: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    from commands.export import greedy_ids, load_translator
+    from inference.ctranslate2 import greedy_ids, load_translator
 
     translator, tokenizer = load_translator(ct2_dir, threads=1)
     return greedy_ids(translator, tokenizer, prompts, max_new_tokens)
@@ -91,7 +98,7 @@ def test_ctranslate2_gives_the_same_greedy_answers_as_transformers(trained, tran
 
 @pytest.mark.slow
 def test_an_answer_that_begins_with_eos_is_empty_with_ctranslate2_too(barely_trained):
-    from commands.saved_model import load_saved_model
+    from inference.saved_model import load_saved_model
 
     expected = transformers_ids(load_saved_model(barely_trained["model_dir"]), barely_trained["prompts"],
                                 MAX_NEW_TOKENS)
@@ -113,7 +120,7 @@ def test_generate_with_ctranslate2_prints_the_same_answer_as_generate(trained):
 
 @pytest.mark.slow
 def test_an_int8_export_is_a_quarter_of_the_size_loads_and_answers_like_fp32(trained, tmp_path):
-    from commands.export import ctranslate2_answers
+    from inference.ctranslate2 import ctranslate2_answers
 
     int8_dir = str(tmp_path / "int8")
     result = run_cli("export", {"model_dir": trained["model_dir"], "output_dir": int8_dir, "quantization": "int8"})

@@ -177,7 +177,7 @@ def test_a_fine_tuning_run_stopped_and_resumed_ends_bitwise_equal_to_an_uninterr
     run_cli("train", uninterrupted)
     flags = new_run_flags(tmp_path / "resumed", source, is_finetune=True)
     run_cli("train", dict(flags, max_steps=13))
-    resume_flags = dict(flags, is_keep_training=True)
+    resume_flags = dict(flags, is_keep_training=True, max_steps=0)
     resume_flags.pop("init_from")
     second = run_cli("train", resume_flags)
     assert "resumed from" in second.stdout and "step 13" in second.stdout

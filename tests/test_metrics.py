@@ -4,9 +4,8 @@ import random
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, shared_file
+from conftest import REPO_ROOT, sample_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,8 +95,7 @@ def test_bleu4_equals_sacrebleu_for_any_small_corpus(pairs):
 
 @pytest.fixture(scope="module")
 def real_responses():
-    table = pq.read_table(shared_file("sample_valid_1k.parquet"), columns=["response"])
-    return [text for text in table.column("response").to_pylist() if text]
+    return [text for text in sample_rows("sample_valid_1k.parquet")[1] if text]
 
 
 def test_bleu4_equals_sacrebleu_on_every_real_row_with_random_edits(real_responses):

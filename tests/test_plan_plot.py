@@ -1,5 +1,6 @@
 """`plan` tells what a run will do and need, `plot` draws its metrics, and configs/ holds valid Accelerate configs."""
 import ctypes
+import dataclasses
 import glob
 import io
 import json
@@ -299,3 +300,23 @@ def test_the_probe_models_the_attention_kernel_a_gpu_runs():
     on_cpu = ProbedActivations(model_cfg, 32000, "bf16", cuda_attention=False).bytes(32, 192)
     on_gpu = ProbedActivations(model_cfg, 32000, "bf16").bytes(cfg.batch_size_per_gpu, cfg.max_seq_len)
     assert 4.5 * GIB < on_cpu - on_gpu < 5 * GIB
+
+
+def test_a_cpu_plan_counts_the_model_in_host_ram_without_a_card_and_a_small_file_in_one_window(capsys, tmp_path):
+    plan_flags = PlanFlags(device="cpu", num_samples=6000, probe=False, json=True)
+    cfg, model_cfg = build([TrainConfig, T5ModelConfig], no_tokenizer(tmp_path))
+    run_plan(plan_flags, cfg, model_cfg)
+    cpu = json.loads(capsys.readouterr().out)
+    run_plan(dataclasses.replace(plan_flags, device="gpu"), cfg, model_cfg)
+    gpu = json.loads(capsys.readouterr().out)
+    assert cpu["device"] == "cpu" and cpu["fits_20gb"] is None and gpu["fits_20gb"] is True
+    assert cpu["gpu_memory_breakdown_bytes"]["cuda_context"] == 0 < gpu["gpu_memory_breakdown_bytes"]["cuda_context"]
+    # On a CPU the model is in RAM once (no copy before it moves), and no CUDA runtime is loaded.
+    assert cpu["host_ram_breakdown_gb"]["model_copy"] == cpu["host_ram_breakdown_gb"]["cuda_runtime"] == 0
+    assert gpu["host_ram_breakdown_gb"]["model_copy"] > 0
+    assert "example_hours_total" not in cpu and gpu["example_hours_total"][0] > 0  # the guide's GPU figures
+    run_plan(dataclasses.replace(plan_flags, json=False), cfg, model_cfg)
+    table = capsys.readouterr().out
+    assert "Model memory per process (GiB, host RAM: a CPU run)" in table
+    assert "GPU memory" not in table and "CUDA" not in table and "20 GiB card" not in table and "guide" not in table
+    assert "2 windows of 6,000 rows" in table  # the buffer (50,000) would hold more rows than the file has

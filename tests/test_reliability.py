@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,19 +16,17 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.cli_helpers import (
-    ENTRY,
     PATCHED_ENTRY,
     REPO,
-    as_flags,
     assert_same_weights,
-    child_env,
     final_weights,
-    free_port,
     make_task_data,
     read_metrics,
     run_cli,
+    start_training,
     tiny_run_flags,
     trained_tiny_run,
+    wait_for_line,
 )
 from tests.patched_cli import (EVAL_OOM_FROM_ROWS, OOM_FROM_ROWS, OOM_IN_BACKWARD_ON_RANK, OOM_IN_CLIPPING_AT_STEP,
                                OOM_IN_FORWARD_ON_RANK, SLOW_FORWARD, UNREADABLE_ON_RANK)
@@ -136,30 +133,6 @@ CRASH_RUN = dict(epochs=1, save_steps=1, logging_steps=1, eval_max_samples=4, ev
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, task):
     return trained_tiny_run(tmp_path_factory.mktemp("uninterrupted"), task, **CRASH_RUN)
-
-
-def start_training(flags: dict, nproc: int = 1, entry: str = ENTRY, env: dict | None = None,
-                   own_group: bool = False) -> subprocess.Popen:
-    """The run in the background; with `own_group`, in a process group of its own, as a terminal's foreground job
-    (Ctrl-C there signals every process of the group: the run and its DataLoader workers)."""
-    launcher = [sys.executable, entry] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-        str(free_port()), entry]
-    return subprocess.Popen(launcher + ["train"] + as_flags(flags), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=own_group,
-                            env=child_env(ACCELERATE_USE_CPU="true", **(env or {})))
-
-
-def wait_for_line(process: subprocess.Popen, fragment: str, timeout: float = 120) -> str:
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if fragment in line:
-            return "".join(seen)
-    raise AssertionError(f"never saw {fragment!r}:\n{''.join(seen)[-3000:]}")
 
 
 @pytest.mark.parametrize("seed", [1, 2])  # plus the kills aimed inside saves, below

@@ -3,17 +3,23 @@ import json
 import os
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.cli_helpers import (
+    PATCHED_ENTRY,
     TINY_MODEL,
     assert_same_weights,
     final_weights,
     read_metrics,
     run_cli,
+    start_training,
     tiny_run_flags,
     trained_tiny_run,
+    wait_for_line,
 )
+from tests.patched_cli import SLOW_FORWARD
+from tests.test_span_corruption import span_run_flags
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +40,9 @@ def test_stopping_and_resuming_twice_ends_bitwise_identical_to_an_uninterrupted_
     run_cli("train", dict(flags, max_steps=13))  # mid-epoch, between two saves
     second = run_cli("train", dict(flags, is_keep_training=True, max_steps=37))  # into the second epoch
     assert "resumed from" in second.stdout and "step 13" in second.stdout
-    third = run_cli("train", dict(flags, is_keep_training=True))
-    assert "step 37, epoch 1" in third.stdout
+    # A resume keeps the saved --max_steps unless given: 0 lifts the cap.
+    third = run_cli("train", dict(flags, is_keep_training=True, max_steps=0))
+    assert "step 37, epoch 1" in third.stdout and "--max_steps changed from 37 to 0" in third.stdout
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
     steps = [r["step"] for r in read_metrics(flags["output_dir"], "train")]
     assert steps == list(range(1, TOTAL_STEPS + 1))  # nothing replayed, nothing skipped
@@ -58,7 +65,7 @@ def test_a_stop_at_an_epochs_last_step_resumes_without_repeating_or_missing_its_
     run_cli("train", reference)
     flags = tiny_run_flags(tmp_path / "resumed", tokenizer_dir, data, **dict(RUN, save_steps=16))
     run_cli("train", dict(flags, max_steps=32))
-    run_cli("train", dict(flags, is_keep_training=True))
+    run_cli("train", dict(flags, is_keep_training=True, max_steps=0))
     assert [e[0] for e in evaluations(reference["output_dir"])] == [16, 32, 48, 64]
     assert evaluations(flags["output_dir"]) == evaluations(reference["output_dir"])
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(reference["output_dir"]))
@@ -90,7 +97,7 @@ def test_a_two_process_run_continues_on_one_process_at_the_same_global_sample(tm
     resumed = tiny_run_flags(tmp_path / "resumed", tokenizer_dir, data, gradient_accumulation_steps=1, **common)
     run_cli("train", dict(resumed, max_steps=13), nproc=2)
     # One process with twice the accumulation keeps the global batch of 8 rows, so the numbers must agree.
-    result = run_cli("train", dict(resumed, is_keep_training=True, gradient_accumulation_steps=2))
+    result = run_cli("train", dict(resumed, is_keep_training=True, gradient_accumulation_steps=2, max_steps=0))
     assert "2 processes, this one 1" in result.stdout + result.stderr
     samples = [r["samples"] for r in read_metrics(resumed["output_dir"], "train")]
     assert samples == [8 * step for step in range(1, 33)]
@@ -115,7 +122,7 @@ def test_a_state_left_half_written_is_ignored_for_the_previous_complete_one(tmp_
             weights.truncate(100)
     with open(os.path.join(flags["output_dir"], "metrics.jsonl"), "a", encoding="utf-8") as metrics:
         metrics.write('{"event": "train", "step": 2')  # a line the crash cut short
-    result = run_cli("train", dict(flags, is_keep_training=True))
+    result = run_cli("train", dict(flags, is_keep_training=True, max_steps=0))
     assert f"resumed from {os.path.join(state_root, complete)}" in result.stdout
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
     assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == list(range(1, TOTAL_STEPS + 1))
@@ -167,14 +174,15 @@ def test_best_models_load_with_auto_classes_and_the_commands_use_them(uninterrup
     evaluation = run_cli("evaluate", {"model_dir": os.path.join(output_dir, "final"),
                                       "file": uninterrupted["validation_file"], "max_samples": 8, "max_seq_len": 24})
     assert evaluation.stdout.startswith("bleu4 ") and "rows 8" in evaluation.stdout
-    answer = run_cli("generate", {"model_dir": os.path.join(output_dir, "final"), "prompt": "倒序：山水",
-                                  "max_new_tokens": 8})
-    # The command prints the final model's own greedy answer, and the trained model does answer.
+    # The command prints the final model's own greedy answer: to a validation prompt the 64-step model answers.
     final = os.path.join(output_dir, "final")
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(final), AutoTokenizer.from_pretrained(final)
-    output = model.generate(**tokenizer(["倒序：山水"], return_tensors="pt"), max_new_tokens=8, do_sample=False)
-    expected = tokenizer.decode(output[0], skip_special_tokens=True)
-    assert expected.strip() and answer.stdout == expected + "\n"
+    prompts = pq.read_table(uninterrupted["validation_file"]).column("prompt").to_pylist()[:8]
+    answers = [tokenizer.decode(model.generate(**tokenizer([p], return_tensors="pt"), max_new_tokens=8,
+                                               do_sample=False)[0], skip_special_tokens=True) for p in prompts]
+    prompt, expected = next((p, a) for p, a in zip(prompts, answers) if a.strip())
+    answer = run_cli("generate", {"model_dir": final, "prompt": prompt, "max_new_tokens": 8})
+    assert answer.stdout == expected + "\n"
     missing = run_cli("generate", {"model_dir": os.path.join(output_dir, "nothing"), "prompt": "x"}, check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("error: --model_dir")
 
@@ -220,3 +228,90 @@ def test_each_epoch_end_saves_the_state_once(tmp_path, task):
     saves = [line for line in result.stdout.splitlines() if "saved resumable state" in line]
     assert [line.split("at step ")[1].split(":")[0] for line in saves] == ["32", "64"]
     assert len([r for r in read_metrics(flags["output_dir"], "eval")]) == 2
+
+
+# ------------------------------------------------- a resume given only where the run is
+
+def run_of_kind(kind: str, directory, task, text_task, pretrained: dict) -> dict:
+    """The flags of a seconds-long run of each kind the tool trains, none of them at its defaults."""
+    if kind == "span corruption":
+        return span_run_flags(directory, text_task, learn_rate=3e-4, warmup_steps=2, seed=11)
+    data, tokenizer_dir = task
+    if kind == "fine-tuning":  # from the pre-trained model, its encoder frozen, with the fine-tuning config
+        flags = tiny_run_flags(directory, tokenizer_dir, data, is_finetune=True,
+                               init_from=os.path.join(pretrained["output_dir"], "final"), learn_rate=5e-4)
+        return {name: value for name, value in flags.items() if name not in TINY_MODEL and name != "tokenizer_dir"}
+    return tiny_run_flags(directory, tokenizer_dir, data, **dict(RUN, learn_rate=3e-4, warmup_steps=2))
+
+
+@pytest.mark.parametrize("kind", ["pre-training", "fine-tuning", "span corruption"])
+def test_a_resume_given_only_the_output_directory_continues_the_saved_run_bitwise(tmp_path, task, text_task,
+                                                                                  uninterrupted, kind):
+    whole = run_of_kind(kind, tmp_path / "whole", task, text_task, uninterrupted)
+    run_cli("train", whole)
+    flags = run_of_kind(kind, tmp_path / "stopped", task, text_task, uninterrupted)
+    # Steps slowed down (a sleep in the forward) so that SIGTERM lands mid-run, as a scheduler's would.
+    process = start_training(flags, entry=PATCHED_ENTRY, env={SLOW_FORWARD: 0.05})
+    wait_for_line(process, "step 3/")
+    process.terminate()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "stopped by a signal" in output, output[-2000:]
+
+    resumed = run_cli("train", {"output_dir": flags["output_dir"], "is_keep_training": True})
+    config = "TrainConfigSFT" if kind == "fine-tuning" else "TrainConfig"
+    assert f"configuration ({config})" in resumed.stdout and "resumed from" in resumed.stdout
+    assert "resume: --" not in resumed.stdout  # no setting of the saved run was replaced by a default
+    assert_same_weights(final_weights(flags["output_dir"]), final_weights(whole["output_dir"]))
+    assert ([(r["step"], r["loss"], r["lr"]) for r in read_metrics(flags["output_dir"], "train")]
+            == [(r["step"], r["loss"], r["lr"]) for r in read_metrics(whole["output_dir"], "train")])
+
+
+def test_a_flag_given_on_a_resume_changes_that_setting_alone_and_is_logged(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=3, eval_max_samples=0, keep_latest_n_ckp=0,
+                           gradient_accumulation_steps=3, warmup_steps=7, epochs=3)
+    run_cli("train", flags)
+    resumed = run_cli("train", {"output_dir": flags["output_dir"], "is_keep_training": True, "max_steps": 5})
+    changes = [line.split("resume: ")[1] for line in resumed.stdout.splitlines() if "resume: --" in line]
+    assert changes == ["--max_steps changed from 3 to 5"]
+    saved = read_metrics(flags["output_dir"], "train")
+    assert [r["step"] for r in saved] == [1, 2, 3, 4, 5]
+    assert all(r["samples"] == 8 * 3 * r["step"] for r in saved)  # the saved global batch: 8 rows x 3
+
+
+def test_a_resume_of_a_run_that_reached_its_max_steps_says_how_to_go_on(tmp_path, task):
+    data, tokenizer_dir = task
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, max_steps=2, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    result = run_cli("train", {"output_dir": flags["output_dir"], "is_keep_training": True}, check=False)
+    assert result.returncode == 2 and result.stderr == (
+        "error: --is_keep_training=True: the saved run stopped at its --max_steps=2; give --max_steps=<a later "
+        "step> to go on, or --max_steps=0 to train to the end of its epochs\n")
+
+
+def test_a_resume_whose_tokenizer_was_replaced_names_the_runs_own_copy_which_resumes(tmp_path, task):
+    data, tokenizer_dir = task
+    own_tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, own_tokenizer)
+    flags = tiny_run_flags(tmp_path, str(own_tokenizer), data, max_steps=2, eval_max_samples=0, keep_latest_n_ckp=0)
+    run_cli("train", flags)
+    run_cli("train_tokenizer", {"train_file": data["train_file"], "tokenizer_dir": own_tokenizer, "vocab_size": 350,
+                                "overwrite": True})
+    resume = {"output_dir": flags["output_dir"], "is_keep_training": True, "max_steps": 3}
+    refused = run_cli("train", resume, check=False)
+    copy = os.path.join(flags["output_dir"], "final")
+    assert refused.returncode == 2 and "--tokenizer_dir: not the tokenizer the saved run used" in refused.stderr
+    assert f"--tokenizer_dir={copy}" in refused.stderr
+    resumed = run_cli("train", dict(resume, tokenizer_dir=copy))
+    assert "step 2, epoch 0" in resumed.stdout
+    assert [r["step"] for r in read_metrics(flags["output_dir"], "train")] == [1, 2, 3]
+
+
+def test_evaluate_scores_at_the_length_the_model_was_trained_with_unless_told(uninterrupted):
+    final = os.path.join(uninterrupted["output_dir"], "final")
+    with open(os.path.join(final, "config.json"), encoding="utf-8") as config:
+        assert json.load(config)["trained_max_seq_len"] == 24
+    own = run_cli("evaluate", {"model_dir": final, "file": uninterrupted["validation_file"], "max_samples": 4})
+    told = run_cli("evaluate", {"model_dir": final, "file": uninterrupted["validation_file"], "max_samples": 4,
+                                "max_seq_len": 16})
+    assert "greedy answers of up to 24 tokens" in own.stderr and "greedy answers of up to 16 tokens" in told.stderr

@@ -4,6 +4,7 @@ import collections
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader
 from data_pipeline.batch import LABEL_PAD
 from data_pipeline.packed_text import PackedTextDataset, TextSpec
 from data_pipeline.span_corruption import SpanCorruption, restore, sentinels_of
-from data_pipeline.windows import StreamSpec
+from data_pipeline.windows import (CHUNK_MASKS, CHUNK_SHUFFLE, ROW_GROUP_ORDER, WINDOW_SHUFFLE, StreamSpec,
+                                   epoch_stream)
 from model.tokenizer import load_tokenizer
 from tests.cli_helpers import (
     TINY_MODEL,
@@ -27,8 +29,10 @@ from tests.cli_helpers import (
     read_metrics,
     run_cli,
 )
-from tests.conftest import raw_documents, shared_file, write_text_parquet
+from tests.conftest import raw_documents, sample_rows, write_text_parquet
 from utils.errors import UnreadableData
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 T5 = SpanCorruption(0.15, 3.0)
 
@@ -76,10 +80,18 @@ def rows_of(batch):
 
 
 def epoch_chunks(dataset, tokenizer) -> list:
-    """Every chunk of an epoch, restored from its corrupted rows, in stream order (one rank, no accumulation)."""
+    """Every chunk of an epoch, restored from its corrupted rows and put back in stream order by the dataset's
+    public chunk order (one rank, no accumulation: a step's rows come in that order)."""
     sentinels = np.array(sentinels_of(tokenizer))
-    return [restore(inputs, targets, sentinels) for step in dataset for batch in step.micro_batches
-            for inputs, targets in rows_of(batch)]
+    epoch = dataset.state_dict()["epoch"]
+    visited = [restore(inputs, targets, sentinels) for step in dataset for batch in step.micro_batches
+               for inputs, targets in rows_of(batch)]
+    order = dataset.chunk_order(epoch, 0, dataset.num_samples)
+    assert sorted(order) == list(range(dataset.num_samples))  # every chunk once
+    in_stream_order = [None] * len(visited)
+    for chunk, tokens in zip(order, visited):
+        in_stream_order[chunk] = tokens
+    return in_stream_order
 
 
 def restored_documents(dataset, tokenizer) -> list[str]:
@@ -128,13 +140,52 @@ def test_noise_density_over_an_epoch_is_within_a_hundredth_of_the_flag(dataset_f
         assert total == dataset.num_tokens and abs(cut / total - density) <= 0.01
 
 
+def test_chunks_are_visited_shuffled_within_the_block_of_the_window_they_start_in(dataset_factory):
+    make, _, _ = dataset_factory
+    dataset = make(buffer_size=16)
+    for epoch in (0, 1):
+        bounds = dataset.chunk_blocks(epoch)
+        order = dataset.chunk_order(epoch, 0, dataset.num_samples)
+        assert len(bounds) == dataset.num_windows + 1 and bounds[-1] == dataset.num_samples
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            assert sorted(order[first:end]) == list(range(first, end))  # a block's chunks, each once, in its turn
+        assert list(order) != sorted(order)
+        # Any stretch of the epoch is the same chunks, however it is asked for (a resume asks from its position).
+        assert list(dataset.chunk_order(epoch, 7, 50)) == list(order[7:50])
+    assert list(dataset.chunk_order(0, 0, 60)) != list(dataset.chunk_order(1, 0, 60))
+
+
+def test_a_step_of_book_length_documents_holds_chunks_of_many_of_them(dataset_factory, tmp_path):
+    from bench_chunk_shuffle import documents_per_step
+
+    _, tokenizer, _ = dataset_factory
+    rng = np.random.default_rng(0)
+    phrases = ["春夏秋冬", "山水之间", "今天天气很好", "学习需要坚持", "北京是中国的首都"]
+    books = ["".join(rng.choice(phrases, 400)) for _ in range(12)]  # ~2,000 tokens each: ~50 chunks of 40
+    path = write_text_parquet(tmp_path / "books.parquet", books, row_group_size=4)
+    dataset = packed(str(path), tokenizer, counts_dir=str(tmp_path / "counts"), max_seq_len=32, batch_size=8,
+                     buffer_size=12)
+    figures = documents_per_step(dataset, tokenizer)
+    assert figures["documents"] == 12 and figures["consecutive"] < 1.3 and figures["shuffled"] > 5
+
+
+def test_each_purpose_draws_from_its_own_random_stream():
+    # numpy pads seed lists with zeros: [seed, epoch] and [seed, epoch, 0] would be one stream.
+    assert (np.random.default_rng([5, 1]).random(4) == np.random.default_rng([5, 1, 0]).random(4)).all()
+    draws = {purpose: tuple(epoch_stream(5, 1, purpose, 0).random(4))
+             for purpose in (ROW_GROUP_ORDER, WINDOW_SHUFFLE, CHUNK_MASKS, CHUNK_SHUFFLE)}
+    assert len(set(draws.values())) == 4
+
+
 def test_no_token_is_padding_but_in_the_epochs_last_chunk(dataset_factory):
     make, _, _ = dataset_factory
     dataset = make(batch_size=8)
     steps = list(dataset)
-    for step in steps[:-1]:
-        for batch in step.micro_batches:
-            assert bool(batch.attention_mask.all()) and bool((batch.labels != LABEL_PAD).all())
+    # The epoch's last chunk, the only short one, is visited somewhere in its block: only its step pads.
+    position = list(dataset.chunk_order(0, 0, dataset.num_samples)).index(dataset.num_samples - 1)
+    padded = [index for index, step in enumerate(steps) for batch in step.micro_batches
+              if not (bool(batch.attention_mask.all()) and bool((batch.labels != LABEL_PAD).all()))]
+    assert padded == [position // 8]
     assert step_tokens_are_the_labels(steps)
 
 
@@ -168,8 +219,7 @@ def step_tokens_are_the_labels(steps) -> bool:
 def test_padding_efficiency_on_the_sample_rows_is_above_0_99(tmp_path):
     from model.tokenizer import train_tokenizer
 
-    table = pq.read_table(shared_file("sample_train_3k.parquet"))
-    documents = [f"{p}\n{r}" for p, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist())]
+    documents = [f"{p}\n{r}" for p, r in zip(*sample_rows())]
     path = write_text_parquet(tmp_path / "documents.parquet", documents, row_group_size=500)
     tokenizer = train_tokenizer(path, tmp_path / "tokenizer", vocab_size=4000, text_column="text")
     dataset = packed(str(path), tokenizer, max_seq_len=192, batch_size=32, buffer_size=5000,
@@ -292,7 +342,7 @@ def test_a_span_corruption_run_stopped_and_resumed_ends_bitwise_equal_to_an_unin
     run_cli("train", dict(flags, max_steps=9))  # inside epoch 0, off a save: the resume starts mid-window
     # The resume need not repeat the objective's flags: they come with the saved run.
     resume = {name: value for name, value in flags.items() if name not in ("objective", "text_column")}
-    second = run_cli("train", dict(resume, is_keep_training=True))
+    second = run_cli("train", dict(resume, is_keep_training=True, max_steps=0))
     assert "resumed from" in second.stdout and "counting the tokens" not in second.stdout
     assert_same_weights(final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"]))
 
@@ -408,3 +458,12 @@ def test_plan_of_packed_text_without_its_file_says_it_needs_one(tmp_path, text_t
     flags = span_run_flags(tmp_path, text_task, num_samples=1000, train_file=str(tmp_path / "missing.parquet"))
     result = run_cli("plan", flags, check=False)
     assert result.returncode == 2 and "plan with a readable --train_file" in result.stderr
+
+
+def test_the_documented_example_is_what_the_code_produces():
+    import doctest
+
+    import data_pipeline.span_corruption as module
+
+    result = doctest.testmod(module)
+    assert result.attempted >= 6 and result.failed == 0

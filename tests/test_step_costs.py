@@ -69,7 +69,7 @@ def test_a_compiled_run_stopped_and_resumed_ends_bitwise_equal_to_the_uninterrup
     uninterrupted, _ = compiled_uninterrupted
     flags = tiny_run_flags(tmp_path, tokenizer_dir, data, compile=True, **COMPILED_RUN)
     run_cli("train", dict(flags, max_steps=13), timeout=900)
-    run_cli("train", dict(flags, is_keep_training=True), timeout=900)
+    run_cli("train", dict(flags, is_keep_training=True, max_steps=0), timeout=900)
     assert losses(flags["output_dir"]) == losses(uninterrupted["output_dir"])
     ours, theirs = final_weights(flags["output_dir"]), final_weights(uninterrupted["output_dir"])
     assert ours.keys() == theirs.keys() and all(ours[name].equal(theirs[name]) for name in ours)

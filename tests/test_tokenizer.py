@@ -4,12 +4,13 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_file, tiny_corpus_rows, write_parquet
+from conftest import sample_rows, tiny_corpus_rows, write_parquet
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from model.tokenizer import SPECIAL_TOKENS, _EvenlySpacedRows, has_tokenizer, load_tokenizer, train_tokenizer
+from tests.cli_helpers import run_cli
 from utils.errors import UserError
 
 HARD_CASES = [
@@ -40,8 +41,10 @@ def round_trip(tokenizer, text):
 
 @pytest.fixture(scope="module")
 def real_tokenizer(tmp_path_factory):
-    """A tokenizer trained on part of the real sample data, as the tiny one only saw synthetic text."""
-    train_file = shared_file("sample_train_3k.parquet")
+    """A tokenizer trained on part of the sample rows (real ones where ../shared has them), as the tiny one only
+    saw a few phrases."""
+    directory = tmp_path_factory.mktemp("real")
+    train_file = write_parquet(directory / "rows.parquet", *sample_rows())
     return train_tokenizer(train_file, tmp_path_factory.mktemp("real") / "tokenizer", vocab_size=2000, max_rows=1000)
 
 
@@ -72,8 +75,7 @@ def test_round_trip_is_exact_for_hand_written_hard_cases(tiny_tokenizer, real_to
 
 
 def test_round_trip_is_exact_for_every_row_of_the_real_sample(real_tokenizer):
-    table = pq.read_table(shared_file("sample_train_3k.parquet"))
-    texts = [text for name in ("prompt", "response") for text in table.column(name).to_pylist() if text]
+    texts = [text for column in sample_rows() for text in column if text]
     encoded = real_tokenizer(texts)["input_ids"]
     decoded = real_tokenizer.batch_decode(encoded, skip_special_tokens=True)
     assert [index for index, (got, want) in enumerate(zip(decoded, texts)) if got != want] == []
@@ -239,3 +241,21 @@ def test_a_non_string_column_is_a_user_error_naming_it(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", "b"], "response": [1, 2]}), path)
     with pytest.raises(UserError, match="numbers.parquet.*'response' must hold strings"):
         train_tokenizer(path, tmp_path / "tokenizer")
+
+
+@pytest.mark.slow
+def test_the_command_refuses_to_replace_a_tokenizer_unless_asked_and_says_when_the_vocabulary_is_smaller(tmp_path):
+    prompts, responses = tiny_corpus_rows(40)
+    corpus = write_parquet(tmp_path / "corpus.parquet", prompts, responses)
+    flags = {"train_file": corpus, "tokenizer_dir": tmp_path / "tokenizer", "vocab_size": 300}
+    first = run_cli("train_tokenizer", flags)
+    assert "note:" not in first.stdout  # 300 tokens are there to be had
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    refused = run_cli("train_tokenizer", dict(flags, vocab_size=5000), check=False)
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --tokenizer_dir={tmp_path / 'tokenizer'} holds a tokenizer already: give a new directory, or "
+        "--overwrite=True to replace it (models trained with the old tokenizer do not work with the new one)\n")
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
+    replaced = run_cli("train_tokenizer", dict(flags, vocab_size=5000, overwrite=True))
+    size = len(load_tokenizer(tmp_path / "tokenizer"))
+    assert size < 5000 and f"note: {size} tokens, fewer than --vocab_size=5000" in replaced.stdout

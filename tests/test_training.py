@@ -6,6 +6,7 @@ import os
 import pytest
 
 from tests.cli_helpers import (
+    PATCHED_ENTRY,
     assert_same_weights,
     assert_two_ranks_equal_one_with_double_accumulation,
     final_weights,
@@ -13,6 +14,7 @@ from tests.cli_helpers import (
     run_cli,
     tiny_run_flags,
 )
+from tests.patched_cli import SLOW_EVALUATION
 from training.schedule import lr_factor
 
 pytestmark = pytest.mark.slow
@@ -108,3 +110,22 @@ def test_report_to_tensorboard_writes_event_files_through_accelerate(tmp_path, t
     assert [event.step for event in events.Scalars("eval/bleu4")] == [4]
     unknown = run_cli("train", dict(flags, report_to="tensorbored", output_dir=str(tmp_path / "other")), check=False)
     assert unknown.returncode == 2 and "unknown tracker 'tensorbored'" in unknown.stderr
+
+
+def progress_lines(output: str) -> list[str]:
+    return [line.split(" INFO ")[1] for line in output.splitlines() if " INFO step " in line]
+
+
+def test_piped_output_shows_the_first_step_and_the_last_lines_rate_leaves_evaluations_out(tmp_path, task):
+    data, tokenizer_dir = task
+    # 32 steps of 8 rows, logged only at the end (logging_steps beyond the run), 4 evaluations of 2 s each.
+    flags = tiny_run_flags(tmp_path, tokenizer_dir, data, epochs=1, logging_steps=1000, save_steps=8,
+                           eval_max_samples=4, keep_latest_n_ckp=0)
+    result = run_cli("train", flags, entry=PATCHED_ENTRY, env={SLOW_EVALUATION: 2})
+    lines = progress_lines(result.stdout)
+    # No bar in a pipe: a line after the first step says the run is alive, the closing line gives the last step.
+    assert [line.split(" epoch")[0] for line in lines] == ["step 1/32", "step 32/32"]
+    assert read_metrics(flags["output_dir"], "train") == []  # the console's lines, not metrics.jsonl's cadence
+    samples_per_s = float(lines[-1].split(" samples/s")[0].rsplit("| ", 1)[1])
+    # With the 8 s of evaluation counted, 256 samples could not exceed 32 samples/s.
+    assert samples_per_s > 2 * 256 / 8

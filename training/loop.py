@@ -80,15 +80,17 @@ def fit(run: Run) -> None:
             # A save that falls on a non-finite step waits for the next good one: the kept state stays good.
             state.milestone_due = state.milestone_due or run.checkpointer.due(state.global_step)
             if state.milestone_due and outcome.finite:
-                evaluate(run)
-                if state.epoch_sample < run.feed.num_samples:  # at an epoch's last step, the epoch's end saves once
-                    save_state(run)
+                with reporter.paused():
+                    evaluate(run)
+                    if state.epoch_sample < run.feed.num_samples:  # at an epoch's last step, the epoch's end saves
+                        save_state(run)
             if outcome.stop_requested:
                 return finish(run, reporter, "stopped by a signal", "; resume with --is_keep_training=True")
             if reached_max_steps(run) and state.epoch_sample < run.feed.num_samples:
                 break  # (at the epoch's last step the loop runs out by itself, and the epoch's end still happens)
         else:
-            end_of_epoch(run)
+            with reporter.paused():
+                end_of_epoch(run)
     finish(run, reporter, "max_steps reached" if reached_max_steps(run) else "all epochs done")
 
 
@@ -138,8 +140,8 @@ def save_state(run: Run) -> None:
 
 
 def finish(run: Run, reporter: Reporter, reason: str, advice: str = "") -> None:
+    reporter.close()  # first: its last line's throughput is the training's, without the saves below
     save_state(run)
     final = os.path.join(run.cfg.output_dir, FINAL_DIR)
     save_hf_model(run.accelerator, run.model, run.tokenizer, final)
-    reporter.close()
     log.info("%s at step %d: model in %s%s", reason, run.state.global_step, final, advice)

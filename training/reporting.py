@@ -1,5 +1,6 @@
 """What a run tells its user besides the log lines: metrics.jsonl, Accelerate's trackers and the progress bar,
 and the training lines every `logging_steps` (`Reporter`)."""
+import contextlib
 import json
 import logging
 import os
@@ -74,8 +75,16 @@ class Progress:
             self.bar.close()
 
 
+HEARTBEAT_SECONDS = 30.0  # without a terminal's bar, the longest a run stays silent between two console lines
+
+
 class Reporter:
-    """Training lines every `logging_steps`: averaged over the interval's tokens, ranks and accumulation."""
+    """Training lines every `logging_steps`: averaged over the interval's tokens, ranks and accumulation; the
+    throughput counts training only (`paused` leaves evaluations and saves out).
+
+    Without a terminal (output piped or sent to a file), where no bar shows that the run is alive, the console also
+    gets a line after the first step and one whenever HEARTBEAT_SECONDS passed without any (the interval so far;
+    metrics.jsonl keeps its cadence)."""
 
     def __init__(self, run):
         self.run = run
@@ -83,11 +92,24 @@ class Reporter:
         schedule = run.state.schedule_total_steps
         self.last_step = min(run.cfg.max_steps, schedule) if run.cfg.max_steps else schedule
         self.progress = Progress(run.accelerator.is_main_process, self.last_step, run.state.global_step)
+        self.heartbeat = run.accelerator.is_main_process and self.progress.bar is None
+        self.first_step = run.state.global_step + 1
         self.reset()
 
     def reset(self) -> None:
         self.loss_tokens, self.loss_sum, self.tokens, self.samples_at = 0, 0.0, 0, self.run.state.samples_seen
-        self.started = time.time()
+        self.started = self.last_line = time.time()
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (an evaluation, a save) is not training time: samples/s and tokens/s leave it out."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.time() - started
+            self.last_line = time.time()  # (an evaluation logs lines of its own)
 
     def after_step(self, outcome) -> None:
         state, cfg = self.run.state, self.run.cfg
@@ -99,10 +121,13 @@ class Reporter:
         self.progress.update()
         if state.global_step % cfg.logging_steps == 0:
             self.log_interval(outcome, write_metrics=True)
+        elif self.heartbeat and (state.global_step == self.first_step
+                                 or time.time() - self.last_line >= HEARTBEAT_SECONDS):
+            self.log_interval(outcome, write_metrics=False, reset=False)
 
-    def log_interval(self, outcome, write_metrics: bool) -> None:
+    def log_interval(self, outcome, write_metrics: bool, reset: bool = True) -> None:
         state = self.run.state
-        elapsed = max(time.time() - self.started, 1e-9)
+        elapsed = max(time.time() - self.started - self.paused_seconds, 1e-9)
         record = dict(step=state.global_step, epoch=state.epoch, samples=state.samples_seen,
                       loss=self.loss_sum / self.loss_tokens if self.loss_tokens else None, lr=outcome.lr,
                       grad_norm=outcome.grad_norm, tokens_per_s=round(self.tokens / elapsed, 1),
@@ -114,7 +139,9 @@ class Reporter:
                  state.global_step, self.last_step, state.epoch, loss, record["lr"], record["grad_norm"],
                  record["samples_per_s"], record["tokens_per_s"])
         self.progress.show(loss=loss, lr=f"{record['lr']:.2e}", samples_s=record["samples_per_s"])
-        self.reset()
+        self.last_line = time.time()
+        if reset:
+            self.reset()
 
     def close(self) -> None:
         """The steps since the last log line get one (console and log file; metrics.jsonl keeps its cadence), so

@@ -8,8 +8,9 @@ import json
 import logging
 import os
 
+from config import TrainConfig, TrainConfigDemo, TrainConfigPretrainLarge, TrainConfigSFT
 from model.tokenizer import has_tokenizer, tokenizer_fingerprint
-from training.checkpoint import complete_states
+from training.checkpoint import COMPLETE_MARKER, complete_states
 from training.schedule import reaim
 from utils.distributed import decided_by_main
 from utils.errors import UserError, UserErrors
@@ -17,11 +18,14 @@ from utils.errors import UserError, UserErrors
 log = logging.getLogger("trainer")
 # What cuts packed text into chunks: a data position (a chunk of the epoch) means nothing under other values.
 CHUNK_SETTINGS = ("text_column", "noise_density", "mean_noise_span_length", "max_seq_len")
+NOT_TAKEN_OVER = ("output_dir", "is_keep_training", "init_from")
+CONFIG_CLASSES = (TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigDemo)
 
 
 def describe_run(cfg, model_cfg, tokenizer) -> dict:
-    """What a resume must match (model shape, tokenizer) or report (training settings): the state's run.json."""
-    return {"model": dataclasses.asdict(model_cfg),
+    """What a resume takes over (every training setting, the config class), must match (model shape, tokenizer) or
+    reports (settings given anew): the state's run.json."""
+    return {"config": type(cfg).__name__, "model": dataclasses.asdict(model_cfg),
             "tokenizer": {"size": len(tokenizer), "sha256": tokenizer_fingerprint(cfg.tokenizer_dir)},
             "train": dataclasses.asdict(cfg)}
 
@@ -54,42 +58,65 @@ def adopt_model_shape(model_cfg, shape: dict, given, source: str, failure: str):
 
 
 def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
-    """--is_keep_training=True: the model shape and the tokenizer of the saved run, found before anything is built.
+    """--is_keep_training=True: every setting of the saved run, found before anything is built; a flag given on the
+    command line changes that setting alone (logged by `check_resumable`).
 
-    A resume need not repeat the model flags; one given that differs from the saved run is an error. The tokenizer
-    comes from the saved run's --tokenizer_dir unless one is given (then it must be the same tokenizer).
+    So `train --output_dir=D --is_keep_training=True` continues the run in D as it was started, and the guide's
+    form (the whole command repeated) changes nothing. A model flag that differs from the saved shape, or another
+    objective or chunking, is an error. The tokenizer comes from the saved run unless one is given (then it must be
+    the same tokenizer).
     """
-    saved = read_run_description(newest_state(processes, cfg.output_dir))
+    state_dir = newest_state(processes, cfg.output_dir)
+    saved = read_run_description(state_dir)
     model_cfg = adopt_model_shape(model_cfg, saved["model"], given, f"the saved run in {cfg.output_dir}",
                                   "cannot resume, the saved state is incompatible")
-    if "tokenizer_dir" not in given:
-        cfg = dataclasses.replace(cfg, tokenizer_dir=saved["train"]["tokenizer_dir"])
-        if not has_tokenizer(cfg.tokenizer_dir):  # else a new tokenizer would be trained there, and refused
-            raise UserError(f"--is_keep_training=True: the saved run's tokenizer ({cfg.tokenizer_dir}) is gone; give "
-                            f"--tokenizer_dir=<a copy of it>, e.g. {os.path.join(cfg.output_dir, 'final')}")
-    if "freeze" not in given:  # the optimizer's state holds the tensors that trained: the same must train on
-        cfg = dataclasses.replace(cfg, freeze=saved["train"].get("freeze", "none"))
+    cfg = adopt_training_settings(cfg, saved, given)
+    if "tokenizer_dir" not in given and not has_tokenizer(cfg.tokenizer_dir):
+        # (else a new tokenizer would be trained there, and refused)
+        raise UserError(f"--is_keep_training=True: the saved run's tokenizer ({cfg.tokenizer_dir}) is gone; give "
+                        f"--tokenizer_dir=<a copy of it>, e.g. {os.path.join(cfg.output_dir, 'final')}")
     # What the run learns goes on as saved, and for packed text how it is cut into chunks: another objective has
     # other samples (rows, chunks) at another position, and ranks its best models by another metric.
     saved_objective = saved["train"].get("objective", "seq2seq")
     kept = ("objective",) + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
-    cfg = dataclasses.replace(cfg, **{name: saved["train"][name] for name in kept
-                                      if name not in given and name in saved["train"]})
     changed = [name for name in kept if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
     if changed:
         raise UserErrors([f"cannot resume, the saved state is incompatible: --{name}: the saved run has "
                           f"{saved['train'][name]!r}, this one {getattr(cfg, name)!r}"
                           + (" (it cuts the documents into other chunks)" if name != "objective" else "")
                           for name in changed])
+    if "max_steps" not in given and 0 < cfg.max_steps <= saved_step(state_dir):
+        raise UserError(f"--is_keep_training=True: the saved run stopped at its --max_steps={cfg.max_steps}; give "
+                        "--max_steps=<a later step> to go on, or --max_steps=0 to train to the end of its epochs")
     return cfg, model_cfg
 
 
-def check_resumable(saved: dict, current: dict) -> None:
+def adopt_training_settings(cfg, saved: dict, given):
+    """The saved run's config (its class and values) with the flags given now on top. Not taken over: where the run
+    is now (--output_dir, found there), whether it resumes, and --init_from (only a new run reads it; its model may
+    be gone since)."""
+    classes = {cls.__name__: cls for cls in CONFIG_CLASSES}
+    cls = classes.get(saved.get("config"), type(cfg))
+    values = dataclasses.asdict(cfg)
+    values.update({name: value for name, value in saved["train"].items()
+                   if name in values and name not in given and name not in NOT_TAKEN_OVER})
+    return cls(**values)
+
+
+def saved_step(state_dir: str) -> int:
+    """The optimizer step a complete state was saved at (its marker holds it)."""
+    with open(os.path.join(state_dir, COMPLETE_MARKER), encoding="utf-8") as marker:
+        return int(marker.read())
+
+
+def check_resumable(saved: dict, current: dict, output_dir: str) -> None:
     """An incompatible model or tokenizer is an error; changed training settings are reported and applied."""
     problems = [f"--{name}: the saved run has {saved['model'].get(name)!r}, this one {value!r}"
                 for name, value in current["model"].items() if saved["model"].get(name) != value]
     if saved["tokenizer"] != current["tokenizer"]:
-        problems.append(f"--tokenizer_dir: not the tokenizer the saved run used ({saved['tokenizer']})")
+        problems.append(f"--tokenizer_dir: not the tokenizer the saved run used ({saved['tokenizer']}); the run "
+                        f"keeps a copy with its models: --tokenizer_dir={os.path.join(output_dir, 'final')} (or a "
+                        f"best/step-* directory there)")
     # Another optimizer has other state: the saved moments would not load (or would mean something else).
     # So has another set of trained tensors (--freeze).
     for name, default in (("optimizer", "adamw"), ("freeze", "none")):
@@ -127,7 +154,7 @@ def resume(run) -> None:
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     path = newest_state(accelerator, cfg.output_dir)
     saved = read_run_description(path)
-    check_resumable(saved, run.checkpointer.run_description)
+    check_resumable(saved, run.checkpointer.run_description, cfg.output_dir)
     run.checkpointer.load(path)
     configured = (saved["train"]["batch_size_per_gpu"], saved["train"]["gradient_accumulation_steps"])
     requested = (cfg.batch_size_per_gpu, cfg.gradient_accumulation_steps)

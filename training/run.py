@@ -155,6 +155,8 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
         log.info("weights from %s (a new run: step 0, fresh optimizer and schedule)", cfg.init_from)
     else:
         model = build_model(model_cfg, tokenizer)
+    # Saved with every model (config.json): `evaluate` scores at the length the model learned.
+    model.config.trained_max_seq_len = cfg.max_seq_len
     frozen = resolved_freeze(cfg)
     trainable = freeze(model, frozen)
     log.info("model: %.2fM parameters, vocabulary %d; %.2fM train%s", count_parameters(model) / 1e6, len(tokenizer),

@@ -1,0 +1,176 @@
+"""Load test of `serve` on loopback: N concurrent streaming clients against the demo model, N = 1 (one request at
+a time), 8 and 32. Every request must come back as a well-formed stream (a role chunk, text chunks, a finish
+reason, the usage chunk, `data: [DONE]`) — one that does not fails the run. Bounded in count (--requests per
+level) and time (--max_seconds per level).
+
+    python bench/bench_serve.py [--model_dir=DIR] [--requests=64] [--levels=1,8,32]
+
+Without --model_dir it trains the demo model first (`train_low_mem.py demo`, a few minutes on 2 cores). Reports
+tokens/s (completion tokens, [EOS] excluded, over the wall time of the level), the speed-up over one client at a
+time, and p50/p99 of the time to the first text and of the whole request.
+"""
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from commands.demo import demo_rows  # noqa: E402
+from commands.serve import model_id  # noqa: E402
+from tests.cli_helpers import free_port  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", help="a saved demo model (default: train one with `demo`)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (each client runs its share)")
+    parser.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
+    parser.add_argument("--max_batch", type=int, default=32, help="serve --max_batch")
+    parser.add_argument("--max_tokens", type=int, default=24, help="max_tokens of each request (the demo: 24)")
+    parser.add_argument("--max_seconds", type=float, default=300, help="time limit of one level")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (levels 1,2,4): that the script runs")
+    args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.levels, args.max_seconds = 8, "1,2,4", 120
+    args.levels = [int(level) for level in args.levels.split(",")]
+    return args
+
+
+def train_demo(work: Path) -> str:
+    command = [sys.executable, str(REPO / "train_low_mem.py"), "demo", f"--output_dir={work / 'demo'}",
+               f"--log_dir={work / 'logs'}"]
+    print(f"training a demo model: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return str(work / "demo" / "final")
+
+
+def start_server(model_dir: str, port: int, max_batch: int, queue_size: int) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "train_low_mem.py"), "serve", f"--model_dir={model_dir}", f"--port={port}",
+               f"--max_batch={max_batch}", f"--queue_size={queue_size}", "--max_new_tokens=4096"]
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = server.stdout.readline()
+        if line.startswith("serving on"):
+            return server
+        if not line and server.poll() is not None:
+            break
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+class Malformed(Exception):
+    pass
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed request, checked chunk by chunk: its token count and timings."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first_text, finish, usage, role, done, text = None, None, None, False, False, ""
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise Malformed(f"status {response.status_code}: {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            if done or not line.startswith("data: "):
+                raise Malformed(f"unexpected line {line!r}")
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk["choices"]:
+                role = role or choice["delta"].get("role") == "assistant"
+                if choice["delta"].get("content"):
+                    first_text = first_text or time.perf_counter()
+                    text += choice["delta"]["content"]
+                finish = choice["finish_reason"] or finish
+    if not (done and role and finish in ("stop", "length") and usage):
+        raise Malformed(f"incomplete stream: done={done} role={role} finish={finish} usage={usage}")
+    ended = time.perf_counter()
+    return dict(tokens=usage["completion_tokens"], first=(first_text or ended) - started, total=ended - started)
+
+
+async def level(url: str, model: str, clients: int, prompts: list[str], max_tokens: int, limit: float) -> dict:
+    import httpx
+
+    queue = list(prompts)
+    results, failures = [], []
+
+    async def client_loop(client):
+        while queue:
+            prompt = queue.pop()
+            try:
+                results.append(await one_request(client, url, model, prompt, max_tokens))
+            except (Malformed, httpx.HTTPError) as error:
+                failures.append(str(error))
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=limit, limits=httpx.Limits(max_connections=clients)) as client:
+        await asyncio.wait_for(asyncio.gather(*(client_loop(client) for _ in range(clients))), limit)
+    seconds = time.perf_counter() - started
+    return dict(results=results, failures=failures, seconds=seconds)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    args = parse_args()
+    prompts = demo_rows(args.requests, seed=5)[0]
+    lines = ["| clients | requests | complete | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | "
+             "request p50 ms | request p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rates, lost = {}, 0
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        model_dir = args.model_dir or train_demo(Path(tmp))
+        port = free_port()
+        # Queue room for every client: a benchmark measures batching, not refusals.
+        server = start_server(model_dir, port, args.max_batch, max(args.levels))
+        try:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            asyncio.run(level(url, model_id(model_dir), 1, prompts[:2], args.max_tokens, args.max_seconds))  # warm-up
+            for clients in args.levels:
+                print(f"{clients} concurrent clients, {len(prompts)} requests", file=sys.stderr, flush=True)
+                outcome = asyncio.run(level(url, model_id(model_dir), clients, prompts, args.max_tokens,
+                                            args.max_seconds))
+                results = outcome["results"]
+                lost += len(prompts) - len(results)
+                for failure in outcome["failures"][:3]:
+                    print(f"failed: {failure}", file=sys.stderr)
+                tokens = sum(r["tokens"] for r in results)
+                rates[clients] = tokens / outcome["seconds"]
+                first = [r["first"] * 1000 for r in results] or [0.0]
+                total = [r["total"] * 1000 for r in results] or [0.0]
+                lines.append(f"| {clients} | {len(prompts)} | {len(results)} | {tokens} | {rates[clients]:,.0f} | "
+                             f"{rates[clients] / rates[args.levels[0]]:.2f}x | {statistics.median(first):.0f} | "
+                             f"{percentile(first, 0.99):.0f} | {statistics.median(total):.0f} | "
+                             f"{percentile(total, 0.99):.0f} |")
+        finally:
+            server.terminate()
+            server.wait(60)
+    heading = "SMOKE RUN (tiny counts: not figures)\n" if args.smoke else ""
+    print(f"{heading}serve on loopback, model {model_id(model_dir)}, max_batch {args.max_batch}, max_tokens "
+          f"{args.max_tokens}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print("\n".join(lines))
+    for clients in args.levels[1:]:
+        print(f"speed-up at {clients} clients: {rates[clients] / rates[args.levels[0]]:.2f}x the one-at-a-time "
+              "throughput")
+    if lost:
+        raise SystemExit(f"{lost} requests did not complete with a well-formed stream")
+
+
+if __name__ == "__main__":
+    main()

@@ -110,15 +110,33 @@ class TrainConfig:
     """Pin host memory for faster copies to the GPU (auto: off under 15 GB of RAM or without a GPU)."""
 
     # --- what the model learns ---
-    objective: Literal["seq2seq", "span_corruption"] = "seq2seq"
+    objective: Literal["seq2seq", "span_corruption", "dpo"] = "seq2seq"
     """seq2seq: write each row's response from its prompt; span_corruption: T5's pre-training on raw documents
-    (--text_column), packed into chunks, ~noise_density of their tokens cut out in spans the decoder restores."""
+    (--text_column), packed into chunks, ~noise_density of their tokens cut out in spans the decoder restores;
+    dpo: preference tuning of a trained model on (prompt, chosen, rejected) rows, with TrainConfigDPO's defaults
+    (docs/AFTER_PRETRAINING.md)."""
     text_column: str = "text"
     """span_corruption: the column of documents in train_file and validation_file."""
     noise_density: float = bounded(0.15, min=0.01, max=0.5)
     """span_corruption: share of each chunk's tokens cut out."""
     mean_noise_span_length: float = bounded(3.0, min=1.0)
     """span_corruption: mean length of a cut span, in tokens."""
+    prompt_column: str = "prompt"
+    """dpo: the column of prompts in train_file and validation_file."""
+    chosen_column: str = "chosen"
+    """dpo: the column of preferred answers."""
+    rejected_column: str = "rejected"
+    """dpo: the column of answers to move away from (e.g. the fine-tuned model's own, from `generate --file`)."""
+    dpo_beta: float = bounded(0.1, min=1e-4, max=100.0)
+    """dpo: strength of the pull back to the starting (reference) model: a reward is beta x the change of an
+    answer's log-probability since the start."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """dpo: sigmoid = the DPO paper's loss, -log sigmoid(reward margin); ipo = IPO's squared loss, (margin / beta -
+    1 / (2 beta))^2, which does not push margins without end."""
+    dpo_label_smoothing: float = bounded(0.0, min=0.0, max=0.49)
+    """dpo, sigmoid: the share of pairs assumed mislabelled (conservative DPO); 0 = trust every label."""
+    dpo_sft_weight: float = bounded(0.0, min=0.0)
+    """dpo: weight of an added cross-entropy on the chosen answer (per token, as in RPO); 0 = none."""
 
     # --- where the weights start ---
     init_from: str = ""
@@ -126,7 +144,8 @@ class TrainConfig:
     directory of this tool, or a Hugging Face T5 directory of the same layout. Its tokenizer and shape come with it."""
     is_finetune: bool = False
     """Fine-tune (the original's flag): TrainConfigSFT's defaults unless --use_large_config, --init_from defaults to
-    the best model of model_save/pretrain_large, and --freeze=auto freezes the shared embedding and the encoder."""
+    the best model of model_save/pretrain_large, and --freeze=auto freezes the shared embedding and the encoder.
+    (--objective=dpo: the best model of model_save/sft instead, nothing frozen.)"""
     freeze: Literal["auto", "none", "embeddings", "encoder"] = "auto"
     """Parameters that do not train (no gradient, no optimizer state): embeddings = the shared embedding, which is
     also the output projection (tied); encoder = it and the whole encoder; auto = encoder when fine-tuning, else
@@ -171,9 +190,11 @@ class TrainConfig:
     save_steps: int = bounded(10000, min=1)
     """Evaluate and save a resumable state every this many optimizer steps."""
     keep_latest_n_ckp: int = bounded(5, min=0)
-    """Best models (by BLEU-4; span_corruption: by eval loss) kept on disk; 0 keeps none."""
+    """Best models (by BLEU-4; span_corruption: by eval loss; dpo: by eval reward accuracy, ties by eval loss) kept
+    on disk; 0 keeps none."""
     eval_max_samples: int = bounded(1000, min=0)
-    """Validation rows per evaluation (greedy generation is slow: docs/TRAINING.md); span_corruption: chunks."""
+    """Validation rows per evaluation (greedy generation is slow: docs/TRAINING.md); span_corruption: chunks; dpo:
+    pairs."""
     eval_batch_size: int = bounded(32, min=1)
     """Rows per generation batch during evaluation."""
     max_steps: int = bounded(0, min=0)
@@ -226,6 +247,29 @@ class TrainConfigSFT(TrainConfig):
     output_dir: str = "model_save/sft"
     save_steps: int = 2000
     keep_latest_n_ckp: int = 8
+
+
+@dataclass
+class TrainConfigDPO(TrainConfig):
+    """Preference tuning of the fine-tuned model (--objective=dpo): the original project's DPO values (beta 0.1,
+    Adafactor, lr 1e-5, batch 4 x 8, warmup 1,000, 520 tokens). --init_from defaults to the best model of
+    model_save/sft. Only defaults change here: help texts and bounds come from TrainConfig."""
+
+    train_file: str = "data/dpo_train_dataset.parquet"
+    validation_file: str = "data/dpo_valid_dataset.parquet"
+    objective: Literal["seq2seq", "span_corruption", "dpo"] = "dpo"
+    max_seq_len: int = 520
+    dataloader_buffer_size: int = 10000
+    epochs: int = 4
+    batch_size_per_gpu: int = 4
+    gradient_accumulation_steps: int = 8
+    learn_rate: float = 1e-5
+    warmup_steps: int = 1000
+    output_dir: str = "model_save/dpo"
+    save_steps: int = 2000
+    keep_latest_n_ckp: int = 3
+    eval_max_samples: int = 500
+    eval_batch_size: int = 16
 
 
 @dataclass

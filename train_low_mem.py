@@ -26,7 +26,7 @@ from config import (
 
 @command
 def train(cfg: TrainConfig, model_cfg: T5ModelConfig, given: GivenFlags):
-    """Train on train_file: from scratch, from a model (--init_from, --is_finetune) or resuming (--is_keep_training).
+    """Train: from scratch, from a model (--init_from, --is_finetune, --objective=dpo), or resume (--is_keep_training).
 
     Every config field is a flag:"""
     from training.loop import run_training
@@ -126,9 +126,8 @@ def prepare(flags: PrepareFlags):
 
 
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "demo": demo, "evaluate": evaluate,
-            "generate": generate, "plan": plan, "plot": plot, "export": export}
-COMMANDS.update(chat=chat, serve=serve)
-COMMANDS.update(prepare=prepare)
+            "generate": generate, "plan": plan, "plot": plot, "export": export, "chat": chat, "serve": serve,
+            "prepare": prepare}
 
 if __name__ == "__main__":
     main(COMMANDS)

@@ -13,7 +13,7 @@ import sys
 import fire
 
 from commands.flags import FlagProblem, build, closest, help_text, to_bool
-from config import ConfigChoice, GivenFlags, TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT
+from config import ConfigChoice, GivenFlags, TrainConfig, TrainConfigDPO, TrainConfigPretrainLarge, TrainConfigSFT
 from utils.errors import RunAborted, UserError, UserErrors
 
 EXIT_USER_ERROR = 2
@@ -66,12 +66,13 @@ def parse(classes: list, args: tuple, flags: dict) -> list:
     """One instance of each class from the command's flags (text, as typed), or UserErrors naming every problem.
 
     A command that takes a TrainConfig also takes --use_large_config, which makes it a TrainConfigPretrainLarge;
-    without it, --is_finetune=True makes it a TrainConfigSFT.
+    without it, --objective=dpo makes it a TrainConfigDPO, and otherwise --is_finetune=True a TrainConfigSFT.
     """
     problems = [f"unexpected argument {value!r}: flags are written --name=value (quote a value with spaces)"
                 for value in args]
     choice = [ConfigChoice] if TrainConfig in classes else []
     chosen = (TrainConfigPretrainLarge if is_true(flags, "use_large_config")
+              else TrainConfigDPO if str(flags.get("objective", "")).strip().lower() == "dpo"
               else TrainConfigSFT if is_true(flags, "is_finetune") else TrainConfig)
     if choice:
         classes = [chosen if cls is TrainConfig else cls for cls in classes]
@@ -96,7 +97,8 @@ def command_help(function, classes: list) -> str:
     if TrainConfig in classes:
         parts += [help_text([ConfigChoice] + classes),
                   other_defaults(TrainConfigPretrainLarge, "--use_large_config=True"),
-                  other_defaults(TrainConfigSFT, "--is_finetune=True (without --use_large_config)")]
+                  other_defaults(TrainConfigSFT, "--is_finetune=True (without --use_large_config)"),
+                  other_defaults(TrainConfigDPO, "--objective=dpo (without --use_large_config)")]
     else:
         parts.append(help_text(classes))
     return "\n\n".join(parts)

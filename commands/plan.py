@@ -142,20 +142,37 @@ def vocabulary(cfg) -> tuple[int, str]:
     return cfg.vocab_size, f"--vocab_size (no tokenizer in {cfg.tokenizer_dir} yet)"
 
 
-def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool, notes: list):
-    """Activation bytes of the configured micro-batch, how they were found, and the analytic model for what-ifs."""
+def answers_per_row(cfg) -> int:
+    """Decoder rows per encoder row: a preference pair's prompt has two answers."""
+    return 2 if cfg.objective == "dpo" else 1
+
+
+def measure_activations(cfg, model_cfg, vocab: int, parameters: int, probe: bool, notes: list, rows=None,
+                        answers=None):
+    """Activation bytes of the configured micro-batch (or of `rows` rows with `answers` answers each), how they were
+    found, and the analytic model for what-ifs."""
     from commands.plan_memory import AnalyticActivations, ProbedActivations
 
+    rows, answers = rows or cfg.batch_size_per_gpu, answers or answers_per_row(cfg)
+    shape = (rows, cfg.max_seq_len, target_length(cfg, cfg.max_seq_len), answers)
     analytic = AnalyticActivations(model_cfg, vocab, cfg.mixed_precision, parameters)
     if probe:
         try:
             probed = ProbedActivations(model_cfg, vocab, cfg.mixed_precision, frozen=cfg.freeze)
-            return (probed.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len, target_length(cfg, cfg.max_seq_len)),
-                    "probe", analytic)
+            return probed.bytes(*shape), "probe", analytic
         except Exception as error:  # the probe relies on torch internals; a changed one must not cost the plan
             notes.append(f"the memory probe failed ({type(error).__name__}: {error}); activations are analytic")
-    return analytic.bytes(cfg.batch_size_per_gpu, cfg.max_seq_len, target_length(cfg, cfg.max_seq_len)), "analytic", \
-        analytic
+    return analytic.bytes(*shape), "analytic", analytic
+
+
+def preference_plan(cfg, model_cfg, vocab: int, parameters: int, gpu: dict, probe: bool, notes: list) -> dict | None:
+    """DPO: its step beside a fine-tuning step of as many answers, and what a second (reference) model would hold."""
+    if cfg.objective != "dpo":
+        return None
+    sft_rows = 2 * cfg.batch_size_per_gpu
+    sft_activations, _, _ = measure_activations(cfg, model_cfg, vocab, parameters, probe, notes, sft_rows, 1)
+    return dict(pairs=cfg.batch_size_per_gpu, activations=gpu["parts"]["activations"], sft_rows=sft_rows,
+                sft_activations=sft_activations, second_model=MODEL_BYTES_PER_PARAMETER * parameters)
 
 
 def torch_sees_a_gpu() -> bool:
@@ -181,9 +198,10 @@ def gpu_plan(cfg, model_cfg, vocab: int, parameters: int, trainable: int, optimi
 
     def total_with(other_rows: int, other_seq: int) -> int:
         # What-ifs scale the measured activations by the analytic model's ratio: no further probe needed.
+        answers = answers_per_row(cfg)
         return total - activations + round(
-            activations * analytic.bytes(other_rows, other_seq, target_length(cfg, other_seq))
-            / analytic.bytes(rows, seq, target_length(cfg, seq)))
+            activations * analytic.bytes(other_rows, other_seq, target_length(cfg, other_seq), answers)
+            / analytic.bytes(rows, seq, target_length(cfg, seq), answers))
 
     suggestions = []
     if total > GPU_BUDGET_BYTES:
@@ -268,6 +286,7 @@ def run_plan(flags: PlanFlags, cfg, model_cfg, given=frozenset()) -> None:
         notes.append("planned for GPUs; this machine has none: --device=cpu plans a run on its CPU")
     plan = dict(cfg=cfg, device=flags.device, steps=steps, rows=rows, rows_source=rows_source, packing=packed, vocab=vocab,
                 vocab_source=vocab_source, parameters=parameters, trainable=trainable, gpu=gpu, host=host,
-                disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes, step_time=flags.step_time or None)
+                disk=disk_plan(cfg, parameters, optimizer_bytes), notes=notes, step_time=flags.step_time or None,
+                preference=preference_plan(cfg, model_cfg, vocab, parameters, gpu, flags.probe, notes))
     printed = report(plan)
     print(printed.json() if flags.json else printed.text())

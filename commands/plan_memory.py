@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from model.loss import token_loss_sum
+from model.preference import answer_logps
 from model.t5 import StandInTokenizer, build_model, freeze
 
 GIB = 1024**3
@@ -69,10 +70,11 @@ class AnalyticActivations:
         self.coefficients = _PER_TOKEN[self.precision]
         self.cuda_attention = cuda_attention
 
-    def bytes(self, rows: int, seq_len: int, target_len: int | None = None) -> int:
+    def bytes(self, rows: int, seq_len: int, target_len: int | None = None, answers: int = 1) -> int:
         """`target_len`: the decoder's tokens when they differ from the encoder's `seq_len` (span corruption). The
         coefficients were counted with equal lengths; with unequal ones the decoder's attention scores and the
-        tensors outside the layers are taken at the mean of the two lengths (an approximation the probe avoids)."""
+        tensors outside the layers are taken at the mean of the two lengths (an approximation the probe avoids).
+        `answers`: decoder rows per encoder row (2 for a preference pair)."""
         cfg, coefficients = self.model_cfg, self.coefficients
         target = target_len or seq_len
         mean = (seq_len + target) / 2
@@ -81,14 +83,15 @@ class AnalyticActivations:
             widths = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv, cfg.num_heads * keys)
             return sum(c * w for c, w in zip(coefficients[kind], widths))
 
-        token_bytes = (cfg.num_layers * layer("encoder", seq_len) * seq_len
-                       + cfg.num_decoder_layers * layer("decoder", mean) * target
-                       + coefficients["outside_d_model"] * cfg.d_model * mean
-                       + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab * target)
-        total = coefficients["weight_copy"] * self.parameters + token_bytes * rows
+        encoder_bytes = cfg.num_layers * layer("encoder", seq_len) * seq_len
+        decoder_bytes = (cfg.num_decoder_layers * layer("decoder", mean) * target
+                         + coefficients["outside_d_model"] * cfg.d_model * mean
+                         + (_VOCAB_SAVED + _VOCAB_BACKWARD) * self.vocab * target)
+        total = coefficients["weight_copy"] * self.parameters + (encoder_bytes + answers * decoder_bytes) * rows
         if self.cuda_attention:
-            scores = cfg.num_layers * seq_len**2 + cfg.num_decoder_layers * (target**2 + target * seq_len)
-            masked = cfg.num_layers * seq_len**2 + cfg.num_decoder_layers * target * seq_len
+            decoder_scores = cfg.num_decoder_layers * (target**2 + target * seq_len)
+            scores = cfg.num_layers * seq_len**2 + answers * decoder_scores
+            masked = cfg.num_layers * seq_len**2 + answers * cfg.num_decoder_layers * target * seq_len
             total -= rows * cfg.num_heads * (_CPU_ONLY_ATTENTION_BYTES[self.precision] * scores
                                              - _PADDING_MASK_BYTES[self.precision] * masked)
         return round(total)
@@ -162,7 +165,7 @@ def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 
 
 def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_mode=None,
-                    cuda_attention: bool = False, target_len: int | None = None) -> int:
+                    cuda_attention: bool = False, target_len: int | None = None, answers: int = 1) -> int:
     """Peak bytes allocated by one forward and backward pass of `model` on `rows` rows of `seq_len` input tokens
     and `target_len` (default: `seq_len`) target tokens, with an attention mask: the worst case, a batch with a
     padded row (T5 then expands its position bias into a mask for every row, in the encoder's attentions and the
@@ -170,7 +173,8 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
 
     With `fake_mode` (the FakeTensorMode the model was built in) nothing is computed; without it the step runs
     for real on the CPU, which is how the tests check the fake figure. `cuda_attention` models the attention
-    kernel a CUDA run uses (`EfficientAttention`) instead of the CPU's.
+    kernel a CUDA run uses (`EfficientAttention`) instead of the CPU's. `answers` 2: each row is a preference
+    pair's prompt, encoded once, with two answers through the decoder (`model.preference.answer_logps`).
     """
     dtype = autocast_dtype_name(mixed_precision)
     model.train()
@@ -178,7 +182,8 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
     with fake_mode or contextlib.nullcontext():
         vocab = len(model.get_input_embeddings().weight)
         tokens = torch.randint(2, vocab, (rows, seq_len))
-        targets = tokens if target_len is None else torch.randint(2, vocab, (rows, target_len))
+        targets = tokens if target_len is None and answers == 1 else torch.randint(
+            2, vocab, (answers * rows, target_len or seq_len))
         tracker = PeakBytes()
         hooks = [parameter.register_post_accumulate_grad_hook(lambda p: tracker.forget(id(p.grad.untyped_storage())))
                  for parameter in model.parameters() if parameter.requires_grad]
@@ -186,7 +191,9 @@ def step_peak_bytes(model, rows: int, seq_len: int, mixed_precision: str, fake_m
                                                 efficient_attention) if cuda_attention else contextlib.nullcontext())
         with tracker, attention:
             with torch.autocast("cpu", dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
-                loss, _ = token_loss_sum(model, tokens, torch.ones(rows, seq_len, dtype=torch.long), targets)
+                mask = torch.ones(rows, seq_len, dtype=torch.long)
+                loss = (answer_logps(model, tokens, mask, targets).sum() if answers == 2
+                        else token_loss_sum(model, tokens, mask, targets)[0])
             loss.backward()
     for hook in hooks:
         hook.remove()
@@ -211,9 +218,9 @@ class ProbedActivations:
             self.model = build_model(model_cfg, StandInTokenizer(vocab))
         freeze(self.model, frozen)  # a frozen encoder keeps no activations for a backward pass
 
-    def bytes(self, rows: int, seq_len: int, target_len: int | None = None) -> int:
+    def bytes(self, rows: int, seq_len: int, target_len: int | None = None, answers: int = 1) -> int:
         return step_peak_bytes(self.model, rows, seq_len, self.mixed_precision, self.fake_mode, self.cuda_attention,
-                               target_len)
+                               target_len, answers)
 
 
 def window_rows(cfg, rows: int) -> int:

@@ -124,8 +124,10 @@ def gpu_section(plan: dict) -> Section:
     precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(cfg.mixed_precision, "fp32")
     spare = GPU_BUDGET_BYTES - gpu["total"]
     part = lambda name, label, note: Figure(label, gib(parts[name]), f"{gib(parts[name]):.2f}", note)  # noqa: E731
-    activations = ((f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target "
-                    "tokens" if packed else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
+    rows = (f"{cfg.batch_size_per_gpu} chunks x {cfg.max_seq_len} input + {packed['target_length']} target tokens"
+            if packed else f"{cfg.batch_size_per_gpu} pairs x {cfg.max_seq_len} tokens, 2 answers each"
+            if plan.get("preference") else f"{cfg.batch_size_per_gpu} rows x {cfg.max_seq_len} tokens")
+    activations = (rows
                    + f", {precision} ({gpu['method']}), peak"
                    + ("" if on_cpu else ", attention as CUDA's memory-efficient SDPA kernel keeps it"))
     if on_cpu:
@@ -213,9 +215,35 @@ def time_section(plan: dict) -> Section:
         *examples])
 
 
+def preference_section(plan: dict) -> Section:
+    """DPO: one model in memory, and the reference pass before the first step."""
+    preference, steps, seconds = plan["preference"], plan["steps"], plan["step_time"]
+    # The pass reads every pair once, forward only (no backward, no optimizer): about a third of a training step's
+    # work per global batch.
+    pass_hours = hours(steps["steps_per_epoch"], seconds / 3) if seconds else None
+    return Section("Preference tuning (DPO), per process", [
+        Figure("step activations", gib(preference["activations"]), f"{gib(preference['activations']):.2f}",
+               f"{preference['pairs']} pairs: the encoder once per prompt, the decoder on both answers",
+               "dpo_activation_gb"),
+        Figure("fine-tuning step", gib(preference["sft_activations"]), f"{gib(preference['sft_activations']):.2f}",
+               f"{preference['sft_rows']} prompt/response rows, as many answers: "
+               + ("a DPO step needs no more" if preference["activations"] <= preference["sft_activations"]
+                  else "less than a DPO step"), "sft_equivalent_activation_gb"),
+        Figure("reference model", 0.0, "0.00", f"its log-probabilities are computed before training; a second model "
+               f"in memory (TRL's way) would add {gib(preference['second_model']):.2f} GiB of weights",
+               "reference_model_gb"),
+        Figure("reference pass", pass_hours, duration(pass_hours) if seconds else "before step 1",
+               f"forward only over the {plan['rows']:,} pairs, once" + (" (about a third of an epoch's time)"
+                                                                         if seconds else " (--step_time: its time)"),
+               "reference_pass_hours"),
+        Figure("", preference["second_model"], key="two_model_design_extra_bytes"),
+    ])
+
+
 def report(plan: dict) -> PlanReport:
     cfg, processes = plan["cfg"], plan["steps"]["num_processes"]
     return PlanReport(f"Plan for {type(cfg).__name__} on {processes} process{'es' * (processes > 1)} (nothing is "
                       "trained; every figure is an estimate)",
-                      [schedule_section(plan), model_section(plan), gpu_section(plan), host_section(plan),
+                      [schedule_section(plan), model_section(plan), gpu_section(plan),
+                       *([preference_section(plan)] if plan.get("preference") else []), host_section(plan),
                        disk_section(plan), time_section(plan)], plan["gpu"]["suggestions"], plan["notes"])

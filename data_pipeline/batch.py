@@ -79,7 +79,8 @@ class StepBatch:
     end_sample: int
     """Global samples of the epoch consumed once this step is done: the position to resume from."""
     step_tokens: int
-    """Target tokens of the whole global batch (all ranks): the loss's denominator."""
+    """The loss's denominator for the whole global batch (all ranks): its target tokens (preference pairs: its
+    pairs)."""
     skipped: int
     """Rows of the global batch dropped for an empty prompt or response."""
 

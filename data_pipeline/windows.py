@@ -195,6 +195,15 @@ class WindowedStream(IterableDataset):
         return pa.concat_tables([self._read_rows(rg, first, end, handles) for rg, first, end in
                                  self._pieces(epoch, lo, hi)])
 
+    def _window_row_ids(self, epoch: int, window: int) -> np.ndarray:
+        """The rows of window `window`, in the epoch's order, as numbers of the files' rows taken in order (all of
+        the first file's, then the second's, ...): a row's identity whatever the epoch's order."""
+        file_start = np.cumsum([0] + self._file_rows[:-1])
+        lo = window * self.buffer_size
+        hi = min(lo + self.buffer_size, self.num_rows)
+        return np.concatenate([np.arange(first, end) + file_start[self._rg_file[rg]] + self._rg_first_row[rg]
+                               for rg, first, end in self._pieces(epoch, lo, hi)])
+
     def _read_rows(self, global_rg: int, lo: int, hi: int, handles: dict) -> pa.Table:
         """Rows [lo, hi) of one row group, continuing the previous read when it stopped at or before `lo`."""
         path, index = self._paths[self._rg_file[global_rg]], int(self._rg_index[global_rg])

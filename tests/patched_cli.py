@@ -13,6 +13,8 @@ Environment variables choose the patches:
 - T5LM_TEST_SLOW_FORWARD=S: every micro-batch's forward pass takes S seconds longer (a step long enough to be
   interrupted in the middle);
 - T5LM_TEST_SLOW_EVALUATION=S: every evaluation takes S seconds longer;
+- T5LM_TEST_SLOW_REFERENCE=S: every part of DPO's reference pass takes S seconds longer;
+- T5LM_TEST_REFERENCE_PART_PAIRS=N: the reference pass cuts the training pairs into parts of N pairs;
 - T5LM_TEST_UNREADABLE_ON_RANK=R:K: rank R cannot build its step K of the run (as if its data file broke there),
   while every other rank goes on;
 - T5LM_TEST_COUNT_COLLECTIVES=1: every optimizer step prints to stderr how many torch.distributed collectives
@@ -39,6 +41,8 @@ EVAL_OOM_FROM_ROWS = "T5LM_TEST_EVAL_OOM_FROM_ROWS"
 ECHO_FLAGS = "T5LM_TEST_ECHO_FLAGS"
 SLOW_FORWARD = "T5LM_TEST_SLOW_FORWARD"
 SLOW_EVALUATION = "T5LM_TEST_SLOW_EVALUATION"
+SLOW_REFERENCE = "T5LM_TEST_SLOW_REFERENCE"
+REFERENCE_PART_PAIRS = "T5LM_TEST_REFERENCE_PART_PAIRS"
 COUNT_COLLECTIVES = "T5LM_TEST_COUNT_COLLECTIVES"
 COUNT_READS = "T5LM_TEST_COUNT_READS"
 UNREADABLE_ON_RANK = "T5LM_TEST_UNREADABLE_ON_RANK"
@@ -47,15 +51,22 @@ UNREADABLE_ON_RANK = "T5LM_TEST_UNREADABLE_ON_RANK"
 def patch_out_of_memory(rows_limit: int, backward_rank: str | None, forward_rank: str | None) -> None:
     import training.step as step
 
-    real_loss, real_backward = step.token_loss_sum, step.StepRunner.backward
+    real_loss, real_pair_loss, real_backward = step.token_loss_sum, step.preference_loss_sum, step.StepRunner.backward
     last_rows = [0]
     in_forward = backward_rank is None and forward_rank in (None, os.environ.get("RANK", "0"))
 
+    def check(rows: int) -> None:
+        last_rows[0] = rows
+        if in_forward and rows >= rows_limit:
+            raise torch.OutOfMemoryError(f"test: forward of {rows} rows")
+
     def loss_that_runs_out_of_memory(model, input_ids, *args, **kwargs):
-        last_rows[0] = input_ids.shape[0]
-        if in_forward and last_rows[0] >= rows_limit:
-            raise torch.OutOfMemoryError(f"test: forward of {last_rows[0]} rows")
+        check(input_ids.shape[0])
         return real_loss(model, input_ids, *args, **kwargs)
+
+    def pair_loss_that_runs_out_of_memory(model, batch, *args, **kwargs):
+        check(batch.input_ids.shape[0])
+        return real_pair_loss(model, batch, *args, **kwargs)
 
     def backward_that_runs_out_of_memory(self, loss):
         if (last_rows[0] >= rows_limit and self.accelerator.sync_gradients
@@ -64,6 +75,7 @@ def patch_out_of_memory(rows_limit: int, backward_rank: str | None, forward_rank
         return real_backward(self, loss)
 
     step.token_loss_sum = loss_that_runs_out_of_memory
+    step.preference_loss_sum = pair_loss_that_runs_out_of_memory
     if backward_rank is not None:
         step.StepRunner.backward = backward_that_runs_out_of_memory
 
@@ -130,6 +142,22 @@ def patch_slow_evaluation(seconds: float) -> None:
         return real_evaluate(self, *args, **kwargs)
 
     evaluation.Evaluator.evaluate = slow_evaluate
+
+
+def patch_reference_pass(seconds: float, part_pairs: int) -> None:
+    import time
+
+    import training.reference as reference
+
+    if part_pairs:
+        reference.PART_PAIRS = part_pairs
+    real_part = reference.ReferencePass.part_logps
+
+    def slow_part(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real_part(self, *args, **kwargs)
+
+    reference.ReferencePass.part_logps = slow_part
 
 
 def patch_count_collectives() -> None:
@@ -227,6 +255,8 @@ if __name__ == "__main__":
         patch_slow_forward(float(os.environ[SLOW_FORWARD]))
     if float(os.environ.get(SLOW_EVALUATION, "0")):
         patch_slow_evaluation(float(os.environ[SLOW_EVALUATION]))
+    if os.environ.get(SLOW_REFERENCE) or os.environ.get(REFERENCE_PART_PAIRS):
+        patch_reference_pass(float(os.environ.get(SLOW_REFERENCE, "0")), int(os.environ.get(REFERENCE_PART_PAIRS, "0")))
     if os.environ.get(COUNT_COLLECTIVES):
         patch_count_collectives()
     if os.environ.get(COUNT_READS):

@@ -188,3 +188,16 @@ def test_bench_chunk_shuffle_compares_documents_per_step_in_both_orders():
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["documents"] == 8 and figures["steps"] > 10
     assert figures["consecutive"] < 1.5 < 5 < figures["shuffled"] <= 8
+
+
+def test_bench_dpo_reports_held_out_reward_accuracy_from_the_starting_model_on_and_both_models_bleu():
+    shared_file("sample_train_3k.parquet")
+    out = bench("bench_dpo.py", "--sft_steps", 20, "--dpo_steps", 6, "--valid_pairs", 20, "--vocab_size", 600,
+                "--threads", 1)
+    rows = [line.split() for line in out[out.index("held-out pairs"):].splitlines()[1:] if line.startswith("   ")]
+    assert [int(row[0]) for row in rows] == [0, 2, 4, 6]
+    assert rows[0][1:] == ["0.000", "0.000", "0.6931"]  # the starting model is the reference
+    assert all(0 <= float(row[1]) <= 1 for row in rows)
+    scores = re.search(r"BLEU-4 fine-tuned ([\d.]+), after DPO ([\d.]+); the references' loss fine-tuned ([\d.]+), "
+                       r"after DPO ([\d.]+)", out)
+    assert scores and all(0 <= float(value) for value in scores.groups()) and float(scores.group(3)) > 0

@@ -1,6 +1,7 @@
 """generate's decoding settings on both engines, and `generate --file`: each setting does what it says (beam search
 finds likelier answers than greedy, a seed reproduces a sample, penalties cut repeats), the engines agree where
-promised, and a file of prompts is answered whole, resumably, in parts."""
+promised, a file of prompts is answered whole, resumably, in parts, and serve's step decoder (its key/value cache
+padded across requests that join and leave at any step) gives generate's answers."""
 import os
 import signal
 import subprocess
@@ -86,6 +87,62 @@ def test_no_repeat_ngram_size_forbids_any_repeated_ngram(demo_model, demo_engine
     assert repeats(demo_engine.answer_ids(prompts, settings()), n=2) >= PROMPTS // 2
     for size in (2, 3):
         assert repeats(demo_engine.answer_ids(prompts, settings(no_repeat_ngram_size=size)), n=size) == 0
+
+
+def decode_in_steps(engine, requests: list[tuple[str, DecodingSettings]], join_at: list[int]) -> list[list[int]]:
+    """Drive serve's step decoder as its scheduler does: request i joins the batch at step join_at[i] (behind
+    those already in it) and leaves once it ends ([EOS] or its max_new_tokens); its answer's ids, without [EOS]."""
+    from inference.stepper import Sequence, StepDecoder
+
+    decoder = StepDecoder(engine.model, engine.tokenizer, engine.placement)
+    sequences = [Sequence(engine.tokenizer(prompt)["input_ids"], wanted) for prompt, wanted in requests]
+    eos, active = engine.tokenizer.eos_token_id, []
+    for step in range(10_000):
+        joining = [sequence for sequence, at in zip(sequences, join_at) if at == step]
+        if joining:
+            decoder.join(joining)
+        active += joining
+        if active:
+            decoder.step(active)
+        active = [s for s in active if s.generated[-1] != eos and len(s.generated) < s.settings.max_new_tokens]
+        if not active and step >= max(join_at):
+            break
+    return [s.generated[:-1] if s.generated[-1] == eos else s.generated for s in sequences]
+
+
+@pytest.mark.slow
+def test_the_step_decoder_answers_as_generate_with_requests_joining_and_leaving_at_any_step(demo_model,
+                                                                                             demo_engine):
+    prompts = demo_model["prompts"][:12]
+    assert len({len(demo_engine.tokenizer(p)["input_ids"]) for p in prompts}) >= 3  # prompts of several lengths
+    kinds = [settings(), settings(repetition_penalty=1.3, no_repeat_ngram_size=2), settings(do_sample=True, seed=5),
+             settings(max_new_tokens=3)]
+    requests = [(prompt, kinds[index % len(kinds)]) for index, prompt in enumerate(prompts)]
+    answers = decode_in_steps(demo_engine, requests, join_at=[0, 0, 1, 2, 2, 3, 5, 5, 6, 8, 9, 13])
+    assert answers == [demo_engine.answer_ids([prompt], wanted)[0] for prompt, wanted in requests]
+    assert len({len(answer) for answer in answers}) >= 3  # they left at different steps
+
+
+@pytest.mark.slow
+def test_the_step_decoder_keeps_relative_positions_right_in_long_answers_of_unequal_lengths(endless_model):
+    # Answers up to 140 tokens, past the largest distance of T5's relative position bias (128), each row's cache
+    # left-padded to the longest. The untrained model's position bias is scaled up, and the repetition penalty
+    # keeps its answers from repeating one token, so that a row's positions shifted by its padding would change
+    # the tokens.
+    import torch
+
+    from inference.engines import TransformersEngine
+
+    engine = TransformersEngine.load(endless_model)
+    with torch.no_grad():
+        engine.model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(20)
+    lengths, prompts = [140, 30, 90, 5, 60, 120], ["叠字：日月", "x", "复述：火人北天南", "y", "倒序：西雪海", "z"]
+    requests = [(prompt, settings(max_new_tokens=length, repetition_penalty=2.0))
+                for prompt, length in zip(prompts, lengths)]
+    answers = decode_in_steps(engine, requests, join_at=[0, 3, 3, 10, 40, 41])
+    assert [len(answer) for answer in answers] == lengths  # this model never ends an answer by itself
+    assert answers == [engine.answer_ids([prompt], wanted)[0] for prompt, wanted in requests]
+    assert len(set(answers[0])) >= 20
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,10 @@ def test_every_command_of_the_readmes_runs_as_written_on_a_fresh_copy(tmp_path):
             assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         ran.append(argv[2])
     assert ran == ["demo", "prepare", "train_tokenizer", "plan", "train", "train", "evaluate", "generate", "train",
-                   "chat", "serve", "plot", "generate", "generate"]
+                   "generate", "generate", "train", "chat", "serve", "plot", "generate", "generate"]
+    # The preference tuning started from the fine-tuned model and kept its best by reward accuracy.
+    with open(os.path.join(clone, "model_save", "dpo", "checkpoints.json"), encoding="utf-8") as listing:
+        assert json.load(listing)["metric"] == "reward_accuracy"
     assert pq.read_table(os.path.join(clone, "answers.parquet")).column_names == ["prompt", "response", "answer"]
     # The resume continued the run it was given (its saved settings), to the step asked for.
     with open(os.path.join(clone, "model_save", "pretrain_large", "metrics.jsonl"), encoding="utf-8") as metrics:

@@ -50,7 +50,7 @@ def test_an_out_of_memory_in_the_middle_of_accumulation_leaves_no_gradient_behin
 
     def out_of_memory_on_the_third_micro_batch(batch):
         calls.append(1)
-        return (None, True) if len(calls) == 3 else clean_forward(batch)
+        return (None, stepper.no_stats, True) if len(calls) == 3 else clean_forward(batch)
 
     stepper.forward = out_of_memory_on_the_third_micro_batch
     assert stepper.run(bundle, RATE).out_of_memory

@@ -1,5 +1,6 @@
-"""The best `keep_latest_n_ckp` models by BLEU-4 (span corruption: by the lowest eval loss), on disk under best/ and
-listed best first in checkpoints.json, which names the metric that ranks them.
+"""The best `keep_latest_n_ckp` models by BLEU-4 (span corruption: by the lowest eval loss; preference pairs: by the
+highest reward accuracy, ties by the lowest eval loss), on disk under best/ and listed best first in
+checkpoints.json, which names the metric that ranks them.
 
 A model that falls out of the top k is deleted only once a state that no longer lists it is saved, so the newest
 state's list always names models that exist.
@@ -15,35 +16,41 @@ from utils.atomic import write_json_atomically
 log = logging.getLogger("trainer")
 
 
-HIGHER_IS_BETTER = {"bleu4": True, "eval_loss": False}
+HIGHER_IS_BETTER = {"bleu4": True, "eval_loss": False, "reward_accuracy": True}
+# Which metric ranks each objective's models, and which decides between equal scores of it.
+RANKING = {"seq2seq": ("bleu4", None), "span_corruption": ("eval_loss", None), "dpo": ("reward_accuracy", "eval_loss")}
 
 
 class BestModels:
     """The top `keep` models by `metric` on disk, listed best first in checkpoints.json.
 
-    Ties keep the earlier model: an equal score never displaces a model already in the top k.
+    Ties (in `metric`, and in `tie_break` when there is one) keep the earlier model: an equal score never displaces
+    a model already in the top k.
     """
 
-    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer, metric: str = "bleu4"):
+    def __init__(self, accelerator, output_dir: str, keep: int, tokenizer, metric: str = "bleu4",
+                 tie_break: str | None = None):
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.keep = keep
         self.tokenizer = tokenizer
-        self.metric = metric
+        self.metric, self.tie_break = metric, tie_break
 
     def ranked(self, entries: list) -> list:
-        sign = -1 if HIGHER_IS_BETTER[self.metric] else 1
+        def badness(entry, metric) -> float:  # a non-finite score (a diverged model's loss) ranks last
+            sign = -1 if HIGHER_IS_BETTER[metric] else 1
+            return sign * entry[metric] if math.isfinite(entry[metric]) else math.inf
 
-        def badness(entry) -> float:  # a non-finite score (a diverged model's loss) ranks last
-            return sign * entry[self.metric] if math.isfinite(entry[self.metric]) else math.inf
+        return sorted(entries, key=lambda e: (badness(e, self.metric),
+                                              badness(e, self.tie_break) if self.tie_break else 0, e["step"]))
 
-        return sorted(entries, key=lambda e: (badness(e), e["step"]))
-
-    def consider(self, model, state, score: float) -> bool:
-        """Save the model if it enters the top k by its `score` (the metric's value) and update `state.best`. Call
-        on every rank; what falls out stays on disk until `sync_disk` after the state is saved."""
+    def consider(self, model, state, score: float, tie_score: float | None = None) -> bool:
+        """Save the model if it enters the top k by its `score` (the metric's value; `tie_score`: the tie-break's)
+        and update `state.best`. Call on every rank; what falls out stays on disk until `sync_disk` after the state
+        is saved."""
         candidate = {"path": f"{BEST_DIR}/{step_name(state.global_step)}", self.metric: score,
-                     "epoch": state.epoch, "step": state.global_step}
+                     **({self.tie_break: tie_score} if self.tie_break else {}), "epoch": state.epoch,
+                     "step": state.global_step}
         others = [e for e in state.best if e["step"] != state.global_step]
         best = self.ranked(others + [candidate])[: self.keep]
         entered = candidate in best

@@ -1,10 +1,13 @@
 """Evaluation on the validation file, split across ranks: for seq2seq the loss and BLEU-4 of greedy generations
-(gathered as strings), for span corruption the held-out denoising loss (BLEU means nothing there)."""
+(gathered as strings), for span corruption the held-out denoising loss (BLEU means nothing there), for preference
+pairs the DPO loss, reward accuracy and margins against the reference, and a few greedy answers."""
 import contextlib
 import logging
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
@@ -14,6 +17,9 @@ from data_pipeline.packed_text import EVAL_STREAM, leading_chunks, mask_generato
 from data_pipeline.parquet import first_usable_rows
 from data_pipeline.span_corruption import corruption_of, sentinel_ids
 from data_pipeline.batch import MicroBatch, Ragged
+from data_pipeline.preference import PreferenceMicroBatch, columns_of, first_usable_pairs
+from data_pipeline.tokenize import shared_encoder, tokenize
+from model.preference import PREFERENCE_STATS, PreferenceLoss, answer_logps
 from training.memory import release_memory
 from utils.errors import RunAborted
 from utils.metrics import bleu4
@@ -24,15 +30,23 @@ EXAMPLES_LOGGED = 3
 
 @dataclass
 class EvalResult:
-    bleu4: float | None  # None for span corruption
+    bleu4: float | None  # None for span corruption and preference pairs
     eval_loss: float
     samples: int
     examples: list  # (prompt, reference, generation) triples
+    preference: dict | None = None  # preference pairs: PREFERENCE_STATS, means over the pairs
+
+    @property
+    def reward_accuracy(self) -> float | None:
+        return None if self.preference is None else self.preference["reward_accuracy"]
 
 
-def build_evaluator(cfg, accelerator, tokenizer):
+def build_evaluator(cfg, accelerator, tokenizer, reference=None):
+    """`reference`: the run's `ReferenceLogps` (preference pairs)."""
     if cfg.objective == "span_corruption":
         return DenoisingEvaluator(accelerator, tokenizer, cfg)
+    if cfg.objective == "dpo":
+        return PreferenceEvaluator(accelerator, tokenizer, cfg, reference)
     return Evaluator(accelerator, tokenizer, cfg.validation_file, cfg.eval_max_samples, cfg.eval_batch_size,
                      cfg.max_seq_len)
 
@@ -185,4 +199,65 @@ class DenoisingEvaluator:
         return token_loss_sum(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
-AnyEvaluator = Evaluator | DenoisingEvaluator
+class PreferenceEvaluator:
+    """The DPO loss and figures on the first `eval_max_samples` usable validation pairs; rank r scores pairs r, r+W,
+    ... The reference pass computes the starting model's log-probabilities of them with `answer_logps`, batch for
+    batch as an evaluation does: an evaluation of the starting model finds every reward exactly 0. The first
+    prompts' greedy answers are logged beside their chosen answers."""
+
+    def __init__(self, accelerator, tokenizer, cfg, reference):
+        self.accelerator, self.tokenizer, self.reference = accelerator, tokenizer, reference
+        self.loss, self.max_seq_len = PreferenceLoss.of(cfg), cfg.max_seq_len
+        self.halving = HalvingBatches(cfg.eval_batch_size)
+        columns = columns_of(cfg)
+        self.pairs = first_usable_pairs(cfg.validation_file, cfg.eval_max_samples, columns) \
+            if cfg.eval_max_samples else [[] for _ in columns]
+        self.total = len(self.pairs[0])
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.indices = list(range(rank, self.total, world))
+        # Tokenized as training tokenizes pairs.
+        encoder = shared_encoder(tokenizer, cfg.max_seq_len)
+        self.texts = [tokenize(encoder, pa.array([column[i] for i in self.indices], pa.string()))
+                      for column in self.pairs]
+
+    def answer_logps(self, model) -> torch.Tensor:
+        """(this rank's pairs, 2): the summed log-probabilities of their chosen and rejected answers under `model`."""
+        logps = torch.zeros(len(self.indices), 2, device=self.accelerator.device)
+        with scoring(self.accelerator, model) as unwrapped:
+            for block in self.halving.blocks(list(range(len(self.indices)))):
+                for part, values in self.halving.run(block, lambda part: self.score(unwrapped, part)):
+                    logps[part] = values
+        return logps
+
+    def score(self, model, part: list) -> torch.Tensor:
+        rows = np.asarray(part)
+        batch = PreferenceMicroBatch.of_pairs(*(text.take(rows) for text in self.texts), np.zeros((len(rows), 2)),
+                                              self.tokenizer.pad_token_id).to(self.accelerator.device)
+        return answer_logps(model, batch.input_ids, batch.attention_mask, batch.labels).view(2, -1).T.float()
+
+    def evaluate(self, model, progress: bool = False) -> EvalResult:
+        policy = self.answer_logps(model)
+        reference = torch.from_numpy(np.load(self.reference.path("valid"))[self.indices]).to(policy)
+        chosen_tokens = torch.from_numpy(self.texts[1].lengths.astype(np.float32)).to(policy)
+        losses, stats = self.loss.per_pair(policy, reference, chosen_tokens)
+        sums = torch.cat([torch.stack([losses.sum(), torch.tensor(float(len(self.indices))).to(policy)]),
+                          stats.sum(dim=0)])
+        with scoring(self.accelerator, model) as unwrapped:
+            examples = self.examples(unwrapped)
+        totals = self.accelerator.reduce(sums, "sum").tolist()
+        pairs = max(totals[1], 1)
+        return EvalResult(None, totals[0] / pairs, int(totals[1]), examples,
+                          dict(zip(PREFERENCE_STATS, (value / pairs for value in totals[2:]))))
+
+    def examples(self, model) -> list:
+        """Greedy answers to the first validation prompts (the main process's), beside their chosen answers."""
+        prompts, chosen, _ = (column[:EXAMPLES_LOGGED] for column in self.pairs)
+        if not self.accelerator.is_main_process or not prompts:
+            return []
+        inputs = self.tokenizer(prompts, truncation=True, max_length=self.max_seq_len, padding=True,
+                                return_tensors="pt").to(self.accelerator.device)
+        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_seq_len)
+        return list(zip(prompts, chosen, self.tokenizer.batch_decode(output, skip_special_tokens=True)))
+
+
+AnyEvaluator = Evaluator | DenoisingEvaluator | PreferenceEvaluator

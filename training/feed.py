@@ -10,6 +10,7 @@ from data_pipeline.batch import StepBatch, global_batch_size, steps_per_epoch
 from data_pipeline.packed_text import PackedTextDataset, TextSpec, counts_dir_of
 from data_pipeline.pairs import PairDataset
 from data_pipeline.parquet import expand_paths
+from data_pipeline.preference import PreferenceDataset, columns_of
 from data_pipeline.span_corruption import corruption_of
 from data_pipeline.token_counts import counts_paths
 from data_pipeline.tokenize import shared_encoder
@@ -19,12 +20,15 @@ from training.signals import ignore_stop_signals
 
 class DataFeed:
     """Builds the dataset of the objective for the batch settings in force (they change after out-of-memory
-    recovery). A sample is a row (seq2seq) or a chunk of packed text (span_corruption)."""
+    recovery). A sample is a row (seq2seq), a chunk of packed text (span_corruption) or a pair (dpo)."""
 
-    def __init__(self, cfg, tokenizer, runtime, rank: int, world_size: int, counts_files: list | None = None):
-        """`counts_files`: for span corruption, the token counts' files as the main process names them."""
+    def __init__(self, cfg, tokenizer, runtime, rank: int, world_size: int, counts_files: list | None = None,
+                 reference=None):
+        """`counts_files`: for span corruption, the token counts' files as the main process names them;
+        `reference`: for preference pairs, the run's `ReferenceLogps`."""
         self.cfg, self.tokenizer, self.runtime = cfg, tokenizer, runtime
         self.rank, self.world_size, self.counts_files = rank, world_size, counts_files
+        self.reference = reference
         # The first build of a packed dataset counts the corpus's tokens on the main process (the others wait).
         first = self.dataset(batch_size=1, accumulation=1)
         self.num_samples = first.num_samples
@@ -42,6 +46,8 @@ class DataFeed:
             return PackedTextDataset(spec, self.tokenizer, TextSpec(
                 cfg.text_column, corruption_of(cfg), counts_dir_of(cfg.output_dir), count_missing=self.rank == 0,
                 counts_files=tuple(self.counts_files or ())))
+        if cfg.objective == "dpo":
+            return PreferenceDataset(spec, self.tokenizer, columns_of(cfg), self.reference.path("train"))
         return PairDataset(spec, self.tokenizer)
 
     def global_batch_size(self, state) -> int:

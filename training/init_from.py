@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 
-from config import TrainConfigPretrainLarge, resolve_path
+from config import TrainConfigPretrainLarge, TrainConfigSFT, resolve_path
 from model.tokenizer import has_tokenizer, load_tokenizer, tokenize_alike
 from training.resume import adopt_model_shape, settings_to_resume
 from utils.distributed import decided_by_main
@@ -35,15 +35,24 @@ def starting_settings(cfg, model_cfg, given, processes) -> tuple:
                             f"one in --output_dir={cfg.output_dir}: give one of them")
         return settings_to_resume(dataclasses.replace(cfg, freeze=resolved_freeze(cfg)), model_cfg, given, processes)
     cfg = dataclasses.replace(cfg, freeze=resolved_freeze(cfg))
-    if cfg.is_finetune and not cfg.init_from:
-        # One choice for every rank: a pre-training still running may rewrite its list between two ranks' reads.
-        best = decided_by_main(processes, lambda: best_model_of(resolve_path(TrainConfigPretrainLarge().output_dir)))
+    # Where a run that tunes a trained model starts by default: the best model of the stage before it.
+    source = (("--objective=dpo", "fine-tuning", TrainConfigSFT) if cfg.objective == "dpo" else
+              ("--is_finetune=True", "pre-training", TrainConfigPretrainLarge) if cfg.is_finetune else None)
+    if source and not cfg.init_from:
+        flag, stage, config_class = source
+        # One choice for every rank: a run still training may rewrite its list between two ranks' reads.
+        best = decided_by_main(processes, lambda: best_model_of(resolve_path(config_class().output_dir)))
         if best is None:
-            raise UserError("--is_finetune=True starts from --init_from, by default the best model of the "
-                            f"pre-training run in {TrainConfigPretrainLarge().output_dir}, which lists none (no "
-                            "checkpoints.json there): give --init_from=<a final/ or best/step-* directory>")
+            raise UserError(f"{flag} starts from --init_from, by default the best model of the {stage} run in "
+                            f"{config_class().output_dir}, which lists none (no checkpoints.json there): give "
+                            "--init_from=<a final/ or best/step-* directory>")
         cfg = dataclasses.replace(cfg, init_from=best)
-    return settings_from_model(cfg, model_cfg, given) if cfg.init_from else (cfg, model_cfg)
+    cfg, model_cfg = settings_from_model(cfg, model_cfg, given) if cfg.init_from else (cfg, model_cfg)
+    if cfg.objective == "dpo" and "dropout_rate" not in given:
+        # Without dropout the policy's log-probabilities start equal to the reference's (computed in eval mode), as
+        # TRL's DPO (disable_dropout) does: a random mask would read as a reward from the first step.
+        model_cfg = dataclasses.replace(model_cfg, dropout_rate=0.0)
+    return cfg, model_cfg
 
 
 def best_model_of(run_dir: str) -> str | None:

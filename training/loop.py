@@ -59,6 +59,8 @@ def close_run(accelerator, agreed_ending: bool) -> None:
 
 def fit(run: Run) -> None:
     state, cfg = run.state, run.cfg
+    if run.reference and not run.reference.run(run.model, run.signals.is_requested):
+        return  # stopped during the reference pass, before any step: nothing to save
     if state.global_step == 0 and cfg.init_from:
         evaluate(run)  # the starting model's score: what this run has to improve on (and a best-k candidate)
     reporter = Reporter(run)  # after it: the first throughput figure counts training only
@@ -105,25 +107,31 @@ def evaluate(run: Run) -> None:
     if run.evaluator.total:
         started = time.time()
         result = run.evaluator.evaluate(run.model)
-        bleu = {} if result.bleu4 is None else {"bleu4": result.bleu4}  # span corruption: no BLEU
+        bleu = {} if result.bleu4 is None else {"bleu4": result.bleu4}  # span corruption, pairs: no BLEU
+        preference = result.preference or {}
         run.metrics.write("eval", step=state.global_step, epoch=state.epoch, **bleu, eval_loss=result.eval_loss,
-                          samples=state.samples_seen)
+                          samples=state.samples_seen, **preference)
+        figures = "".join(f"{name} {value:.4f}, " for name, value in bleu.items()) + "".join(
+            f"{name.replace('_', ' ')} {preference[name]:.4f}, " for name in ("reward_accuracy", "reward_margin")
+            if name in preference)
         log.info("eval at step %d (epoch %d): %seval loss %.4f on %d %s in %.1fs", state.global_step, state.epoch,
-                 "".join(f"bleu4 {value:.4f}, " for value in bleu.values()), result.eval_loss, result.samples,
-                 run.feed.sample_name, time.time() - started)
+                 figures, result.eval_loss, result.samples, run.feed.sample_name, time.time() - started)
         for prompt, reference, generation in result.examples:
             log.info("example | prompt: %s | reference: %s | generated: %s", prompt[:80], reference[:80],
                      generation[:80])
         score = getattr(result, run.best.metric)  # the EvalResult field the best models are ranked by
-        if run.best.keep and run.best.consider(run.model, state, score):
+        tie_score = getattr(result, run.best.tie_break) if run.best.tie_break else None
+        if run.best.keep and run.best.consider(run.model, state, score, tie_score):
             log.info("step %d entered the best %d (%s %.4f)", state.global_step, run.best.keep, run.best.metric,
                      score)
 
 
 def end_of_epoch(run: Run) -> None:
     state = run.state
-    skipped = f" ({state.skipped_rows} rows with an empty prompt or response skipped so far)" \
-        if run.cfg.objective == "seq2seq" else ""  # (packing skips empty documents: they hold no token)
+    # (Packing skips empty documents: they hold no token.)
+    skipped = {"seq2seq": f" ({state.skipped_rows} rows with an empty prompt or response skipped so far)",
+               "dpo": f" ({state.skipped_rows} pairs with an empty prompt or answer, or the same two answers, "
+                      "skipped so far)"}.get(run.cfg.objective, "")
     log.info("epoch %d done at step %d%s", state.epoch, state.global_step, skipped)
     if state.milestone_step != state.global_step:
         evaluate(run)

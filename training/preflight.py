@@ -10,6 +10,7 @@ import shutil
 
 from config import split_paths
 from data_pipeline.parquet import TEXT_COLUMNS, expand_paths, read_footer
+from data_pipeline.preference import columns_of
 from data_pipeline.span_corruption import SENTINEL_COUNT, corruption_of, sentinel_ids
 from model.t5 import estimate_parameters
 from training.checkpoint import complete_states
@@ -24,8 +25,8 @@ log = logging.getLogger("trainer")
 
 
 def text_columns(cfg) -> tuple:
-    """The columns the objective reads: prompt and response, or the documents' column."""
-    return (cfg.text_column,) if cfg.objective == "span_corruption" else TEXT_COLUMNS
+    """The columns the objective reads: prompt and response, the documents' column, or a pair's three."""
+    return {"span_corruption": (cfg.text_column,), "dpo": columns_of(cfg)}.get(cfg.objective, TEXT_COLUMNS)
 
 
 def file_rows(flag: str, files: str, problems: list, columns=TEXT_COLUMNS) -> int:
@@ -126,6 +127,9 @@ def check_before_training(cfg, model_cfg) -> None:
     saved = SAVED_BYTES_PER_PARAMETER["relative" if RECIPES[cfg.optimizer].relative else "adamw"]
     check_output_dir(cfg, estimate_parameters(model_cfg, vocab) * saved, problems)
     check_trackers(cfg.report_to, problems)
+    if cfg.objective == "dpo" and cfg.compile:
+        problems.append("--compile=True with --objective=dpo: a pair's forward runs the encoder once for two "
+                        "answers, outside the compiled graph; train DPO without --compile")
     if model_cfg.d_kv * model_cfg.num_heads < 8:
         problems.append("--num_heads x --d_kv must be at least 8")
     if problems:

@@ -98,6 +98,7 @@ class Reporter:
 
     def reset(self) -> None:
         self.loss_tokens, self.loss_sum, self.tokens, self.samples_at = 0, 0.0, 0, self.run.state.samples_seen
+        self.preference_sums = {}  # DPO: each figure summed over the interval's pairs
         self.started = self.last_line = time.time()
         self.paused_seconds = 0.0
 
@@ -116,6 +117,8 @@ class Reporter:
         if outcome.finite:
             self.loss_sum += outcome.loss * outcome.target_tokens
             self.loss_tokens += outcome.target_tokens
+            for name, value in (outcome.preference or {}).items():
+                self.preference_sums[name] = self.preference_sums.get(name, 0.0) + value * outcome.target_tokens
         self.tokens += outcome.tokens
         self.last_outcome = outcome
         self.progress.update()
@@ -131,13 +134,17 @@ class Reporter:
         record = dict(step=state.global_step, epoch=state.epoch, samples=state.samples_seen,
                       loss=self.loss_sum / self.loss_tokens if self.loss_tokens else None, lr=outcome.lr,
                       grad_norm=outcome.grad_norm, tokens_per_s=round(self.tokens / elapsed, 1),
-                      samples_per_s=round((state.samples_seen - self.samples_at) / elapsed, 2))
+                      samples_per_s=round((state.samples_seen - self.samples_at) / elapsed, 2),
+                      **{name: total / self.loss_tokens if self.loss_tokens else None
+                         for name, total in self.preference_sums.items()})
         if write_metrics:
             self.run.metrics.write("train", **record)
         loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
-        log.info("step %d/%d epoch %d | loss %s | lr %.3e | grad norm %.3f | %.1f samples/s | %.0f tokens/s",
-                 state.global_step, self.last_step, state.epoch, loss, record["lr"], record["grad_norm"],
-                 record["samples_per_s"], record["tokens_per_s"])
+        preference = "" if "reward_accuracy" not in record else " | reward acc n/a" if record["loss"] is None else (
+            f" | reward acc {record['reward_accuracy']:.3f} | margin {record['reward_margin']:.3f}")
+        log.info("step %d/%d epoch %d | loss %s%s | lr %.3e | grad norm %.3f | %.1f samples/s | %.0f tokens/s",
+                 state.global_step, self.last_step, state.epoch, loss, preference, record["lr"],
+                 record["grad_norm"], record["samples_per_s"], record["tokens_per_s"])
         self.progress.show(loss=loss, lr=f"{record['lr']:.2e}", samples_s=record["samples_per_s"])
         self.last_line = time.time()
         if reset:

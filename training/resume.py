@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from config import TrainConfig, TrainConfigDemo, TrainConfigPretrainLarge, TrainConfigSFT
+from config import TrainConfig, TrainConfigDemo, TrainConfigDPO, TrainConfigPretrainLarge, TrainConfigSFT
 from model.tokenizer import has_tokenizer, tokenizer_fingerprint
 from training.checkpoint import COMPLETE_MARKER, complete_states
 from training.schedule import reaim
@@ -18,16 +18,19 @@ from utils.errors import UserError, UserErrors
 log = logging.getLogger("trainer")
 # What cuts packed text into chunks: a data position (a chunk of the epoch) means nothing under other values.
 CHUNK_SETTINGS = ("text_column", "noise_density", "mean_noise_span_length", "max_seq_len")
+# What the reference log-probabilities of preference pairs were computed from: the starting model is gone by now.
+REFERENCE_SETTINGS = ("prompt_column", "chosen_column", "rejected_column", "max_seq_len", "mixed_precision")
 NOT_TAKEN_OVER = ("output_dir", "is_keep_training", "init_from")
-CONFIG_CLASSES = (TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigDemo)
+CONFIG_CLASSES = (TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigDPO, TrainConfigDemo)
 
 
-def describe_run(cfg, model_cfg, tokenizer) -> dict:
+def describe_run(cfg, model_cfg, tokenizer, reference=None) -> dict:
     """What a resume takes over (every training setting, the config class), must match (model shape, tokenizer) or
-    reports (settings given anew): the state's run.json."""
+    reports (settings given anew), and, for preference pairs, which reference log-probabilities (`reference`) the
+    run trains against: the state's run.json."""
     return {"config": type(cfg).__name__, "model": dataclasses.asdict(model_cfg),
             "tokenizer": {"size": len(tokenizer), "sha256": tokenizer_fingerprint(cfg.tokenizer_dir)},
-            "train": dataclasses.asdict(cfg)}
+            "train": dataclasses.asdict(cfg), **({"reference_logps": reference.key} if reference else {})}
 
 
 def newest_state(processes, output_dir: str) -> str:
@@ -78,13 +81,15 @@ def settings_to_resume(cfg, model_cfg, given, processes) -> tuple:
     # What the run learns goes on as saved, and for packed text how it is cut into chunks: another objective has
     # other samples (rows, chunks) at another position, and ranks its best models by another metric.
     saved_objective = saved["train"].get("objective", "seq2seq")
-    kept = ("objective",) + (CHUNK_SETTINGS if saved_objective == "span_corruption" else ())
-    changed = [name for name in kept if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
+    bound = {"span_corruption": (CHUNK_SETTINGS, " (it cuts the documents into other chunks)"),
+             "dpo": (REFERENCE_SETTINGS, " (the reference log-probabilities were computed with it)")}
+    settings, why = bound.get(saved_objective, ((), ""))
+    changed = [name for name in ("objective",) + settings
+               if getattr(cfg, name) != saved["train"].get(name, getattr(cfg, name))]
     if changed:
         raise UserErrors([f"cannot resume, the saved state is incompatible: --{name}: the saved run has "
                           f"{saved['train'][name]!r}, this one {getattr(cfg, name)!r}"
-                          + (" (it cuts the documents into other chunks)" if name != "objective" else "")
-                          for name in changed])
+                          + (why if name != "objective" else "") for name in changed])
     if "max_steps" not in given and 0 < cfg.max_steps <= saved_step(state_dir):
         raise UserError(f"--is_keep_training=True: the saved run stopped at its --max_steps={cfg.max_steps}; give "
                         "--max_steps=<a later step> to go on, or --max_steps=0 to train to the end of its epochs")

@@ -17,13 +17,15 @@ from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 from config import TrainConfig, changed_fields, split_paths, with_resolved_paths
 from model.t5 import FROZEN_MODULES, build_model, count_parameters, freeze, load_model
 from model.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
-from training.best_models import BestModels
+from model.preference import PreferenceLoss
+from training.best_models import RANKING, BestModels
 from training.checkpoint import Checkpointer
 from training.evaluation import AnyEvaluator, build_evaluator
 from training.feed import DataFeed, token_counts_files
 from training.init_from import resolved_freeze
 from training.memory import MemoryHygiene
 from training.optim import RECIPES, allocate_state, build_optimizer
+from training.reference import ReferencePass, reference_for_run
 from training.reporting import MetricsLog
 from training.resume import describe_run, resume, start_fresh
 from training.runtime import Runtime, tracker_names
@@ -53,6 +55,7 @@ class Run:
     metrics: MetricsLog
     memory: MemoryHygiene
     signals: StopSignals
+    reference: ReferencePass | None = None  # DPO: the starting model's log-probabilities, computed before step 1
 
 
 def ensure_tokenizer(cfg, accelerator):
@@ -100,11 +103,17 @@ def record_configuration(cfg, model_cfg, accelerator, runtime: Runtime) -> None:
                                "runtime": dataclasses.asdict(runtime)})
 
 
-def check_optimizer_fits_the_engine(name: str, frozen: str, accelerator) -> None:
+def check_optimizer_fits_the_engine(name: str, frozen: str, objective: str, accelerator) -> None:
     """DeepSpeed ZeRO and FSDP hand the optimizer flattened shards: an RMS per tensor or a factored moment would
     be computed over pieces of several tensors, a different (and untested) optimizer. FSDP also flattens frozen and
-    trained tensors together, which it refuses or trains alike."""
+    trained tensors together, which it refuses or trains alike, and gathers its shards only inside the wrapped
+    forward, while a preference pair calls the encoder on its own."""
     engine = accelerator.distributed_type.value
+    if objective == "dpo" and (engine == "FSDP" or engine == "DEEPSPEED"
+                               and accelerator.state.deepspeed_plugin.zero_stage == 3):
+        raise UserError(f"--objective=dpo with {engine} sharding the weights: a pair's forward calls the encoder "
+                        "outside the wrapped forward, where the shards are not gathered; use DDP (the model and its "
+                        "optimizer fit a 20 GB card) or DeepSpeed ZeRO-1/2")
     if engine in ("DEEPSPEED", "FSDP") and RECIPES[name].relative:
         raise UserError(f"--optimizer={name} scales each tensor by its own RMS, which {engine} "
                         "shards into flat pieces: use --optimizer=adamw with it")
@@ -165,24 +174,27 @@ def build_run(cfg, model_cfg, accelerator: Accelerator, runtime: Runtime) -> Run
     state = TrainingState(batch_size_per_gpu=cfg.batch_size_per_gpu,
                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                           world_size=accelerator.num_processes)
+    reference = reference_for_run(cfg, accelerator) if cfg.objective == "dpo" else None
     feed = DataFeed(cfg, tokenizer, runtime, accelerator.process_index, accelerator.num_processes,
-                    decided_by_main(accelerator, lambda: token_counts_files(cfg, tokenizer)))
-    check_optimizer_fits_the_engine(cfg.optimizer, frozen, accelerator)
+                    decided_by_main(accelerator, lambda: token_counts_files(cfg, tokenizer)), reference)
+    check_optimizer_fits_the_engine(cfg.optimizer, frozen, cfg.objective, accelerator)
     model.to(accelerator.device)  # first: a fused optimizer is built for the device its tensors live on
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optimizer, cfg.weight_decay))
     if not cfg.is_keep_training:  # (a resume loads the saved state instead)
         make_optimizer_state(optimizer, accelerator, cfg.optimizer)
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(cfg.output_dir, accelerator)
+    preference = PreferenceLoss.of(cfg) if cfg.objective == "dpo" else None
+    evaluator = build_evaluator(cfg, accelerator, tokenizer, reference)
     run = Run(cfg=cfg, accelerator=accelerator, tokenizer=tokenizer, model=model, state=state, feed=feed,
-              stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, cfg.compile),
+              stepper=StepRunner(accelerator, model, optimizer, cfg.max_grad_norm, cfg.compile, preference),
               checkpointer=Checkpointer(accelerator, cfg.output_dir, cfg.save_steps,
-                                        describe_run(cfg, model_cfg, tokenizer)),
-              best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer,
-                              "eval_loss" if cfg.objective == "span_corruption" else "bleu4"),
-              evaluator=build_evaluator(cfg, accelerator, tokenizer),
+                                        describe_run(cfg, model_cfg, tokenizer, reference)),
+              best=BestModels(accelerator, cfg.output_dir, cfg.keep_latest_n_ckp, tokenizer, *RANKING[cfg.objective]),
+              evaluator=evaluator,
               metrics=metrics, memory=MemoryHygiene(cfg.memory_cleanup_steps, cfg.memory_log_steps, metrics),
-              signals=StopSignals())
+              signals=StopSignals(),
+              reference=ReferencePass(cfg, accelerator, tokenizer, reference, evaluator) if reference else None)
     if cfg.is_keep_training:
         resume(run)
     else:

@@ -2,7 +2,8 @@
 
 The loss of a step is the sum of token cross-entropies over every micro-batch of every rank divided by the step's
 number of target tokens, which the data pipeline counts for the whole global batch (every rank builds the same
-global batch, so no communication is needed). Each micro-batch contributes `sum * W * A / T` because DDP averages
+global batch, so no communication is needed); for preference pairs, the sum of the pairs' losses divided by the
+global batch's pairs. Each micro-batch contributes `sum * W * A / T` because DDP averages
 gradients over the W ranks and Accelerate's `backward` divides by the A accumulation steps; the result is the
 exact gradient of the step's mean token loss, so accumulation and data parallelism are re-groupings of one sum.
 """
@@ -13,7 +14,9 @@ import torch
 from accelerate.utils import DistributedType
 
 from data_pipeline.batch import MicroBatch, StepBatch
+from data_pipeline.preference import PreferenceMicroBatch
 from model.loss import token_loss_sum
+from model.preference import PREFERENCE_STATS, PreferenceLoss, preference_loss_sum
 from training.compile import DynamicShapes
 from training.optim import set_learning_rate
 
@@ -28,6 +31,7 @@ class StepOutcome:
     stop_requested: bool = False
     target_tokens: int = 0  # response tokens of the whole global batch: the loss's weight
     tokens: int = 0  # prompt + response tokens of the whole global batch, for throughput
+    preference: dict | None = None  # DPO: PREFERENCE_STATS, means over the global batch's pairs
     lr: float = 0.0  # the learning rate this step used
     engine_stepped: bool = False  # non-finite, but DeepSpeed's engine applied (or skipped) the update itself
 
@@ -40,13 +44,14 @@ class StepTotals:
     stop_requested: float
     out_of_memory: float
     tokens: float
+    preference: tuple = ()  # DPO: the sums of PREFERENCE_STATS over the global batch's pairs
 
     @staticmethod
-    def all_reduced(accelerator, like: torch.Tensor, *values) -> torch.Tensor:
+    def all_reduced(accelerator, like: torch.Tensor, *values, preference: torch.Tensor) -> torch.Tensor:
         """The ranks' values summed, left on the device: the host reads them with the gradient norm, later."""
         vector = torch.stack([value.reshape(()).to(like) if isinstance(value, torch.Tensor)
                               else torch.tensor(float(value)).to(like) for value in values])
-        return accelerator.reduce(vector, "sum")
+        return accelerator.reduce(torch.cat([vector, preference.to(like)]), "sum")
 
     @classmethod
     def read(cls, reduced: torch.Tensor, grad_norm) -> tuple["StepTotals", float]:
@@ -56,7 +61,7 @@ class StepTotals:
         norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
             math.nan if grad_norm is None else float(grad_norm))
         values = torch.cat([reduced, norm.reshape(1).to(reduced)]).tolist()
-        return cls(*values[:4]), values[4]
+        return cls(*values[:4], tuple(values[4:-1])), values[-1]
 
 
 def rng_snapshot() -> tuple:
@@ -71,7 +76,8 @@ def restore_rng(snapshot: tuple) -> None:
 
 
 class StepRunner:
-    def __init__(self, accelerator, model, optimizer, max_grad_norm: float, compile: bool = False):
+    def __init__(self, accelerator, model, optimizer, max_grad_norm: float, compile: bool = False,
+                 preference: PreferenceLoss | None = None):
         self.accelerator = accelerator
         self.model = model
         # Only the training forward is compiled: evaluation's generation would recompile for every new length, and
@@ -79,6 +85,7 @@ class StepRunner:
         self.compiling = compile
         self.forward_model = DynamicShapes(model) if compile else model
         self.optimizer = optimizer
+        self.preference = preference  # DPO's loss, for batches of pairs
         self.max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
         # `prepare_decoder_input_ids_from_labels` lives on the bare model, not on the DDP wrapper.
         self.bare_model = accelerator.unwrap_model(model)
@@ -87,18 +94,27 @@ class StepRunner:
         # non-finite step cannot be skipped here, and the engine fixes its micro-batch size when it is built.
         self.engine_steps = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def forward(self, batch: MicroBatch) -> tuple[torch.Tensor | None, bool]:
-        """Summed token loss of one micro-batch; (None, True) when it ran out of memory."""
+    def forward(self, batch: MicroBatch) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
+        """Summed loss of one micro-batch and its summed PREFERENCE_STATS (none but for pairs); (None, _, True)
+        when it ran out of memory."""
+        stats = self.no_stats
         try:
             batch = batch.to(self.accelerator.device, non_blocking=True)
             # Without padding no mask is needed, but a compiled graph would take a mask that is sometimes absent for
             # a second graph.
             mask = batch.attention_mask if batch.input_padding or self.compiling else None
-            loss, _ = token_loss_sum(self.forward_model, batch.input_ids, mask, batch.labels,
-                                     bare_model=self.bare_model)
-            return loss, False
+            if isinstance(batch, PreferenceMicroBatch):
+                loss, stats = preference_loss_sum(self.forward_model, batch, mask, self.preference, self.bare_model)
+            else:
+                loss, _ = token_loss_sum(self.forward_model, batch.input_ids, mask, batch.labels,
+                                         bare_model=self.bare_model)
+            return loss, stats, False
         except torch.OutOfMemoryError:
-            return None, True
+            return None, stats, True
+
+    @property
+    def no_stats(self) -> torch.Tensor:
+        return torch.zeros(len(PREFERENCE_STATS) if self.preference else 0, device=self.accelerator.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -117,7 +133,7 @@ class StepRunner:
         """
         micro_batches = step.micro_batches
         scale = self.accelerator.num_processes * len(micro_batches) / max(step.step_tokens, 1)
-        loss_sum = torch.zeros((), device=self.accelerator.device)
+        loss_sum, stat_sums = torch.zeros((), device=self.accelerator.device), self.no_stats
         local_tokens = sum(batch.real_tokens for batch in micro_batches)
         # Set first: DeepSpeed's engine takes its optimizer step inside the last backward.
         set_learning_rate(self.optimizer, learning_rate)
@@ -127,15 +143,16 @@ class StepRunner:
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
             with self.accelerator.accumulate(self.model):
-                loss, oom = (None, True) if failed else self.forward(batch)
+                loss, stats, oom = (None, stat_sums, True) if failed else self.forward(batch)
                 failed = failed or oom
                 if index == last:
-                    reduced = StepTotals.all_reduced(self.accelerator, loss_sum, loss_sum if failed else
-                                                     loss_sum + loss.detach(), stop_requested(), failed, local_tokens)
+                    reduced = StepTotals.all_reduced(
+                        self.accelerator, loss_sum, loss_sum if failed else loss_sum + loss.detach(), stop_requested(),
+                        failed, local_tokens, preference=stat_sums if failed else stat_sums + stats)
                     if failed and self.accelerator.num_processes == 1:
                         return self.abandon(rng)
                     if failed:
-                        loss, oom = self.forward(MicroBatch.placeholder(self.eos_id))
+                        loss, stats, oom = self.forward(type(batch).placeholder(self.eos_id))
                         if oom:
                             return StepOutcome(out_of_memory=True, alone="joining the others' gradient all-reduce")
                         loss = loss * 0.0
@@ -144,6 +161,7 @@ class StepRunner:
                 try:
                     self.backward(loss * scale)
                     loss_sum += loss.detach()
+                    stat_sums += stats
                 except torch.OutOfMemoryError:
                     if index < last:
                         failed = True
@@ -168,9 +186,11 @@ class StepRunner:
         if finite or self.accelerator.scaler is not None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        preference = dict(zip(PREFERENCE_STATS, (value / max(step.step_tokens, 1) for value in totals.preference))) \
+            if self.preference else None
         return StepOutcome(loss=mean_loss, grad_norm=grad_norm, finite=finite,
                            stop_requested=totals.stop_requested > 0, target_tokens=step.step_tokens,
-                           tokens=int(totals.tokens), lr=learning_rate,
+                           tokens=int(totals.tokens), lr=learning_rate, preference=preference,
                            engine_stepped=self.engine_steps and not finite)
 
     def abandon(self, rng) -> StepOutcome:

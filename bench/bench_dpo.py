@@ -1,6 +1,7 @@
 """Does DPO learn preferences without wrecking the model? Held-out reward accuracy and BLEU-4, one run, real rows.
 
     python bench/bench_dpo.py                      # 600 fine-tuning steps, then 300 DPO steps (about 10 min, 2 cores)
+    python bench/bench_dpo.py --sft_steps 1500 --dpo_sft_weights 0,1     # plain DPO and DPO + RPO's term
     python bench/bench_dpo.py --sft_steps 100 --dpo_steps 40    # a smoke run
 
 Everything goes through the real CLI. A tokenizer is trained on the shared sample rows
@@ -37,6 +38,8 @@ def parse_args():
     parser.add_argument("--dpo_steps", type=int, default=300)
     parser.add_argument("--valid_pairs", type=int, default=200, help="held-out pairs and BLEU rows")
     parser.add_argument("--dpo_learn_rate", type=float, default=1e-5, help="TrainConfigDPO's")
+    parser.add_argument("--dpo_sft_weights", default="0", help="comma-separated --dpo_sft_weight values: one DPO "
+                        "run from the same fine-tuned model for each")
     parser.add_argument("--max_seq_len", type=int, default=64)
     parser.add_argument("--vocab_size", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
@@ -87,27 +90,31 @@ def main() -> None:
     sft_seconds = time.time() - started
     pairs_train = write_pairs(train_rows, work / "pairs_train.parquet", 3000, seed=1)
     pairs_valid = write_pairs(valid_rows, work / "pairs_valid.parquet", args.valid_pairs, seed=2)
-    started = time.time()
-    cli("train", args.threads, objective="dpo", init_from=work / "sft" / "final", train_file=pairs_train,
-        validation_file=pairs_valid, output_dir=work / "dpo", batch_size_per_gpu=8, gradient_accumulation_steps=1,
-        epochs=100, max_steps=args.dpo_steps, learn_rate=args.dpo_learn_rate, warmup_steps=args.dpo_steps // 10, save_steps=args.dpo_steps // 3,
-        eval_max_samples=args.valid_pairs, eval_batch_size=50, logging_steps=50, keep_latest_n_ckp=1, **common)
-    dpo_seconds = time.time() - started
-    with open(work / "dpo" / "metrics.jsonl", encoding="utf-8") as lines:
-        evaluations = [r for r in map(json.loads, lines) if r["event"] == "eval"]
-    (sft_bleu, sft_loss), (dpo_bleu, dpo_loss) = (scores(cli(
-        "evaluate", args.threads, model_dir=work / name / "final", file=valid_rows, max_samples=args.valid_pairs,
-        max_seq_len=args.max_seq_len)) for name in ("sft", "dpo"))
-
-    print(f"fine-tuning: {args.sft_steps} steps of 16 rows ({sft_seconds / 60:.1f} min); DPO: {args.dpo_steps} steps "
-          f"of 8 pairs, beta 0.1, learn_rate {args.dpo_learn_rate:g} ({dpo_seconds / 60:.1f} min, reference pass "
-          "included)")
-    print(f"held-out pairs ({args.valid_pairs}): step  reward accuracy  reward margin  eval loss")
-    for record in evaluations:
-        print(f"  {record['step']:>30}  {record['reward_accuracy']:15.3f}  {record['reward_margin']:13.3f}  "
-              f"{record['eval_loss']:9.4f}")
-    print(f"on {args.valid_pairs} held-out rows: greedy BLEU-4 fine-tuned {sft_bleu:.4f}, after DPO {dpo_bleu:.4f}; "
-          f"the references' loss fine-tuned {sft_loss:.4f}, after DPO {dpo_loss:.4f}")
+    evaluate = lambda model_dir: scores(cli(  # noqa: E731
+        "evaluate", args.threads, model_dir=model_dir, file=valid_rows, max_samples=args.valid_pairs,
+        max_seq_len=args.max_seq_len))
+    sft_bleu, sft_loss = evaluate(work / "sft" / "final")
+    print(f"fine-tuning: {args.sft_steps} steps of 16 rows ({sft_seconds / 60:.1f} min)")
+    for weight in [float(value) for value in args.dpo_sft_weights.split(",")]:
+        output_dir = work / f"dpo-{weight:g}"
+        started = time.time()
+        cli("train", args.threads, objective="dpo", init_from=work / "sft" / "final", train_file=pairs_train,
+            validation_file=pairs_valid, output_dir=output_dir, batch_size_per_gpu=8, gradient_accumulation_steps=1,
+            epochs=100, max_steps=args.dpo_steps, learn_rate=args.dpo_learn_rate, dpo_sft_weight=weight,
+            warmup_steps=args.dpo_steps // 10, save_steps=args.dpo_steps // 3, eval_max_samples=args.valid_pairs,
+            eval_batch_size=50, logging_steps=50, keep_latest_n_ckp=1, **common)
+        seconds = time.time() - started
+        with open(output_dir / "metrics.jsonl", encoding="utf-8") as lines:
+            evaluations = [r for r in map(json.loads, lines) if r["event"] == "eval"]
+        dpo_bleu, dpo_loss = evaluate(output_dir / "final")
+        print(f"\nDPO, --dpo_sft_weight={weight:g}: {args.dpo_steps} steps of 8 pairs, beta 0.1, learn_rate "
+              f"{args.dpo_learn_rate:g} ({seconds / 60:.1f} min, reference pass included)")
+        print(f"held-out pairs ({args.valid_pairs}): step  reward accuracy  reward margin  eval loss")
+        for record in evaluations:
+            print(f"  {record['step']:>30}  {record['reward_accuracy']:15.3f}  {record['reward_margin']:13.3f}  "
+                  f"{record['eval_loss']:9.4f}")
+        print(f"on {args.valid_pairs} held-out rows: greedy BLEU-4 fine-tuned {sft_bleu:.4f}, after DPO "
+              f"{dpo_bleu:.4f}; the references' loss fine-tuned {sft_loss:.4f}, after DPO {dpo_loss:.4f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ so a part that fails or runs out of time costs only its own figures:
   compile time;
 - train, resume: `train --use_large_config=True` for 30 steps with evaluation, best-k and a state save, then
   `--is_keep_training=True` to 45 steps (through `bench/capped_cli.py`, capped at 19 GiB);
-- out_of_memory: the same run capped at 8 GiB, where batch 32 must run out of memory and be halved.
+- out_of_memory: the same run capped at 8 GiB, where batch 32 must run out of memory and be halved;
+- dpo (only when asked for: `--only dpo`, about a minute more): `train --objective=dpo` from the train part's model on
+  pairs of the generated rows, bf16: the reference pass's time, the step's samples/s and reward figures.
 """
 import argparse
 import json
@@ -46,7 +48,8 @@ class Part:
 # 20 + 30 + 45 + 120 + 75 + 60 + 60 = 410 s, within the 420 s that bench/gpu_check.sh gives the whole script.
 PARTS = [Part("versions", 20, 60), Part("data", 30, 120), Part("step_eager", 45, 180),
          Part("step_compiled", 120, 420), Part("train", 75, 240), Part("resume", 60, 240),
-         Part("out_of_memory", 60, 60)]
+         Part("out_of_memory", 60, 60), Part("dpo", 60, 240)]
+OPTIONAL = ("dpo",)  # beyond the 420 s: run when the device time allows
 
 
 def parse_args():
@@ -219,10 +222,38 @@ def out_of_memory(args) -> dict:
     return summary
 
 
+def dpo(args) -> dict:
+    """Preference tuning of the train part's model on pairs of the generated rows (chosen = a row's response,
+    rejected = the next row's), with the reference pass first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = {}
+    for name, path in data_paths(args.scratch).items():
+        if name != "tokenizer_dir":
+            table = pq.read_table(path)
+            responses = table["response"].to_pylist()
+            pairs[name] = os.path.join(args.scratch, f"pairs_{name}.parquet")
+            pq.write_table(pa.table({"prompt": table["prompt"], "chosen": responses,
+                                     "rejected": responses[1:] + responses[:1]}), pairs[name], row_group_size=500)
+    flags = dict(objective="dpo", init_from=os.path.join(args.scratch, "run", "final"), **pairs,
+                 output_dir=os.path.join(args.scratch, "dpo"), log_dir=os.path.join(args.scratch, "logs"),
+                 max_steps=args.steps, save_steps=args.steps // 2, logging_steps=1, eval_max_samples=64,
+                 keep_latest_n_ckp=1, warmup_steps=10, max_seq_len=32 if args.smoke else 192,
+                 **({"mixed_precision": "no"} if args.smoke else {}))
+    run, seconds = cli(args.cap_gib, flags)
+    summary = run_summary(run, seconds, flags["output_dir"])
+    passed = re.search(r"reference pass done in ([\d.]+)s", run.stdout + run.stderr)
+    summary.update(reference_pass_s=float(passed.group(1)) if passed else None,
+                   reward_accuracy=[(r["step"], round(r["reward_accuracy"], 3))
+                                    for r in records(flags["output_dir"], "eval")])
+    return summary
+
+
 WORK = {"versions": versions, "data": make_data, "step_eager": lambda args: one_step(args, compile=False),
         "step_compiled": lambda args: one_step(args, compile=True), "train": train, "resume": resume,
-        "out_of_memory": out_of_memory}
-NEEDS = {"train": "data", "resume": "train", "out_of_memory": "data"}  # a part run alone makes what it needs first
+        "out_of_memory": out_of_memory, "dpo": dpo}
+NEEDS = {"train": "data", "resume": "train", "out_of_memory": "data", "dpo": "train"}  # a part run alone makes what it needs first
 
 
 # --- the parent: runs the parts, writes the report after each ---
@@ -260,7 +291,7 @@ def table(report: dict) -> str:
         lines.append(f"  {key:<28}{str(eager.get(key, 'n/a'))[:15]:>16}{str(compiled.get(key, 'n/a'))[:15]:>16}")
     for name, values in (("eager", eager), ("compile", compiled)):
         lines.append(f"  attention kernels ({name}): {', '.join(values.get('kernels', [])) or 'n/a'}")
-    for name in ("data", "train", "resume", "out_of_memory"):
+    for name in ("data", "train", "resume", "out_of_memory", "dpo"):
         lines.append(f"{name}: {json.dumps(report.get(name, 'not run'), ensure_ascii=False)[:400]}")
     lines.append(f"seconds per part: {json.dumps(report.get('seconds', {}))}")
     return "\n".join(lines)
@@ -275,7 +306,8 @@ def main() -> None:
         set_cuda_defaults()  # before anything starts CUDA, as the trainer does
         print(RESULT_MARK + json.dumps(WORK[args.part](args), ensure_ascii=False, default=str), flush=True)
         return
-    wanted = [name for name in args.only.split(",") if name] or [part.name for part in PARTS]
+    wanted = [name for name in args.only.split(",") if name] or [part.name for part in PARTS
+                                                                 if part.name not in OPTIONAL]
     unknown = sorted(set(wanted) - set(WORK))
     if unknown:
         raise SystemExit(f"unknown parts {unknown}; the parts are {', '.join(WORK)}")

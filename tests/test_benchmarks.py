@@ -168,6 +168,17 @@ def test_gpu_check_runs_on_a_python_without_fire_termcolor_and_nltk_from_wheels_
                                        "out_of_memory"]
 
 
+def test_gpu_check_tunes_the_train_parts_model_on_preference_pairs_when_asked(tmp_path):
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--steps", "6", "--only", "dpo", "--out",
+                             str(tmp_path)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["seconds"]) == ["data", "train", "dpo"]  # what dpo needs first, in order
+    dpo = report["dpo"]
+    assert dpo["exit"] == 0 and dpo["reference_pass_s"] > 0 and dpo["steps_logged"] == [6]
+    assert [step for step, _ in dpo["reward_accuracy"]] == [0, 3, 6] and dpo["reward_accuracy"][0][1] == 0.0
+
+
 def test_gpu_check_writes_its_report_after_every_part_so_a_part_out_of_time_costs_only_its_own(tmp_path):
     """A part that runs past its limit is recorded as such, and the parts before it keep their figures (here the
     smoke run's data part gets 0.1 s, through the module's own table of limits)."""

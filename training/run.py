@@ -113,7 +113,7 @@ def check_optimizer_fits_the_engine(name: str, frozen: str, objective: str, acce
                                and accelerator.state.deepspeed_plugin.zero_stage == 3):
         raise UserError(f"--objective=dpo with {engine} sharding the weights: a pair's forward calls the encoder "
                         "outside the wrapped forward, where the shards are not gathered; use DDP (the model and its "
-                        "optimizer fit a 20 GB card) or DeepSpeed ZeRO-1/2")
+                        "optimizer fit a 20 GB card)")
     if engine in ("DEEPSPEED", "FSDP") and RECIPES[name].relative:
         raise UserError(f"--optimizer={name} scales each tensor by its own RMS, which {engine} "
                         "shards into flat pieces: use --optimizer=adamw with it")

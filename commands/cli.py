@@ -152,10 +152,23 @@ def leave(exit_code: int, every_rank: bool) -> None:
     interpreter's own shutdown (joining library threads) could wait for them in turn: such a rank ends at once,
     so that the launcher sees it fail and stops the others."""
     if every_rank:
+        if exit_code and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            outlive_the_other_ranks()
         sys.exit(exit_code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
+
+
+def outlive_the_other_ranks(timeout: float = 10.0) -> None:
+    """The rank that reports an error every rank agreed on leaves after the others of its machine (which exit 0):
+    a launcher stops every rank as soon as one fails, and its report would show them killed (SIGTERM) instead of
+    finished. They are this process's siblings, the launcher's children."""
+    import psutil
+
+    this = psutil.Process()
+    siblings = [process for process in this.parent().children() if process.pid != this.pid]
+    psutil.wait_procs(siblings, timeout=timeout)
 
 
 def report(problems: list[str], exit_code: int, every_rank: bool = True) -> int:

@@ -3,11 +3,13 @@ a time), 8 and 32. Every request must come back as a well-formed stream (a role 
 reason, the usage chunk, `data: [DONE]`) — one that does not fails the run. Bounded in count (--requests per
 level) and time (--max_seconds per level).
 
-    python bench/bench_serve.py [--model_dir=DIR] [--requests=64] [--levels=1,8,32]
+    python bench/bench_serve.py [--model_dir=DIR] [--requests=64] [--levels=1,8,32] [--rounds=3]
 
 Without --model_dir it trains the demo model first (`train_low_mem.py demo`, a few minutes on 2 cores). Reports
 tokens/s (completion tokens, [EOS] excluded, over the wall time of the level), the speed-up over one client at a
-time, and p50/p99 of the time to the first text and of the whole request.
+time, and p50/p99 of the time to the first text and of the whole request. The levels run in turn, `--rounds`
+times (1, 8, 32, 1, 8, 32, ...): a level's tokens/s is the median of its rounds, so a moment when the machine was
+busy costs one round, not the whole comparison.
 """
 import argparse
 import asyncio
@@ -36,10 +38,11 @@ def parse_args():
     parser.add_argument("--max_batch", type=int, default=32, help="serve --max_batch")
     parser.add_argument("--max_tokens", type=int, default=24, help="max_tokens of each request (the demo: 24)")
     parser.add_argument("--max_seconds", type=float, default=300, help="time limit of one level")
+    parser.add_argument("--rounds", type=int, default=3, help="times each level runs, in turn with the others")
     parser.add_argument("--smoke", action="store_true", help="tiny counts (levels 1,2,4): that the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.requests, args.levels, args.max_seconds = 8, "1,2,4", 120
+        args.requests, args.levels, args.max_seconds, args.rounds = 8, "1,2,4", 120, 1
     args.levels = [int(level) for level in args.levels.split(",")]
     return args
 
@@ -132,8 +135,9 @@ def main() -> None:
     args = parse_args()
     prompts = demo_rows(args.requests, seed=5)[0]
     lines = ["| clients | requests | complete | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | "
-             "request p50 ms | request p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    rates, lost = {}, 0
+             "request p50 ms | request p99 ms | tokens/s of each round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lost = 0
+    runs = {clients: [] for clients in args.levels}  # each round's outcome, by level
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         model_dir = args.model_dir or train_demo(Path(tmp))
         port = free_port()
@@ -142,25 +146,31 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             asyncio.run(level(url, model_id(model_dir), 1, prompts[:2], args.max_tokens, args.max_seconds))  # warm-up
-            for clients in args.levels:
-                print(f"{clients} concurrent clients, {len(prompts)} requests", file=sys.stderr, flush=True)
-                outcome = asyncio.run(level(url, model_id(model_dir), clients, prompts, args.max_tokens,
-                                            args.max_seconds))
-                results = outcome["results"]
-                lost += len(prompts) - len(results)
-                for failure in outcome["failures"][:3]:
-                    print(f"failed: {failure}", file=sys.stderr)
-                tokens = sum(r["tokens"] for r in results)
-                rates[clients] = tokens / outcome["seconds"]
-                first = [r["first"] * 1000 for r in results] or [0.0]
-                total = [r["total"] * 1000 for r in results] or [0.0]
-                lines.append(f"| {clients} | {len(prompts)} | {len(results)} | {tokens} | {rates[clients]:,.0f} | "
-                             f"{rates[clients] / rates[args.levels[0]]:.2f}x | {statistics.median(first):.0f} | "
-                             f"{percentile(first, 0.99):.0f} | {statistics.median(total):.0f} | "
-                             f"{percentile(total, 0.99):.0f} |")
+            for round_ in range(args.rounds):
+                for clients in args.levels:
+                    print(f"round {round_ + 1}: {clients} concurrent clients, {len(prompts)} requests",
+                          file=sys.stderr, flush=True)
+                    outcome = asyncio.run(level(url, model_id(model_dir), clients, prompts, args.max_tokens,
+                                                args.max_seconds))
+                    lost += len(prompts) - len(outcome["results"])
+                    for failure in outcome["failures"][:3]:
+                        print(f"failed: {failure}", file=sys.stderr)
+                    runs[clients].append(outcome)
         finally:
             server.terminate()
             server.wait(60)
+    rates = {clients: statistics.median(sum(r["tokens"] for r in outcome["results"]) / outcome["seconds"]
+                                        for outcome in outcomes) for clients, outcomes in runs.items()}
+    for clients, outcomes in runs.items():
+        results = [result for outcome in outcomes for result in outcome["results"]]
+        first = [r["first"] * 1000 for r in results] or [0.0]
+        total = [r["total"] * 1000 for r in results] or [0.0]
+        each = ", ".join(f"{sum(r['tokens'] for r in o['results']) / o['seconds']:,.0f}" for o in outcomes)
+        lines.append(f"| {clients} | {len(prompts) * len(outcomes)} | {len(results)} | "
+                     f"{sum(r['tokens'] for r in results)} | {rates[clients]:,.0f} | "
+                     f"{rates[clients] / rates[args.levels[0]]:.2f}x | {statistics.median(first):.0f} | "
+                     f"{percentile(first, 0.99):.0f} | {statistics.median(total):.0f} | "
+                     f"{percentile(total, 0.99):.0f} | {each} |")
     heading = "SMOKE RUN (tiny counts: not figures)\n" if args.smoke else ""
     print(f"{heading}serve on loopback, model {model_id(model_dir)}, max_batch {args.max_batch}, max_tokens "
           f"{args.max_tokens}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")

@@ -120,6 +120,9 @@ class StepDecoder:
         arriving = [(row, s) for row, s in enumerate(sequences) if id(s) not in previous_row]
         new_rows = torch.tensor([row for row, _ in staying], dtype=torch.long, device=device)
         old_rows = torch.tensor([row for _, row in staying], dtype=torch.long, device=device)
+        if not arriving:
+            self.keep_rows(old_rows, sequences)
+            return
         # A row holds as many self-attention tokens as its sequence generated (all but the one decoded next), so
         # the longest answer sets the width; staying rows lose the left padding that no row needs any more.
         width = max(len(sequence.generated) for sequence in sequences)
@@ -150,6 +153,17 @@ class StepDecoder:
         self.cache = EncoderDecoderCache(layers)
         self.self_mask = self_mask
         self.encoder_mask = (torch.arange(prompt_width, device=device)[None, :] < lengths[:, None]).long()
+        self.batch = list(sequences)
+
+    def keep_rows(self, rows: torch.Tensor, sequences: list[Sequence]) -> None:
+        """Only some sequences left: the others' cache rows, as they are. Their padding on the left (self-attention)
+        and the right (prompts) stays masked; the next arrival's regroup trims it."""
+        from transformers import EncoderDecoderCache
+
+        self.cache = EncoderDecoderCache([
+            (own.keys[rows], own.values[rows], cross.keys[rows], cross.values[rows]) for own, cross in
+            zip(self.cache.self_attention_cache.layers, self.cache.cross_attention_cache.layers)])
+        self.self_mask, self.encoder_mask = self.self_mask[rows], self.encoder_mask[rows]
         self.batch = list(sequences)
 
     def choose(self, sequence: Sequence, scores: torch.Tensor) -> int:

@@ -1,27 +1,23 @@
 """Pre-train a small Chinese T5 on modest hardware. `python train_low_mem.py COMMAND --help` for each command.
 
-A command's parameters are typed by the dataclasses of config.py whose fields are its flags; `command` checks every
-flag against them before the command runs. Heavy libraries are imported inside the commands so that a mistyped
+A command's parameters are typed by the dataclasses (config.py, commands/options.py) whose fields are its flags;
+`command` checks every flag against them before the command runs. Heavy libraries are imported inside the commands so that a mistyped
 flag is reported in a fraction of a second.
 """
 from commands.cli import command, main
-from config import (
+from commands.options import (
     ChatFlags,
     DemoFlags,
     EvaluateFlags,
     ExportFlags,
     GenerateFlags,
-    GivenFlags,
     PlanFlags,
     PlotFlags,
     PrepareFlags,
     ServeFlags,
-    T5ModelConfig,
-    T5ModelConfigDemo,
     TokenizerFlags,
-    TrainConfig,
-    TrainConfigDemo,
 )
+from config import GivenFlags, T5ModelConfig, T5ModelConfigDemo, TrainConfig, TrainConfigDemo
 
 
 @command

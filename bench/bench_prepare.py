@@ -87,7 +87,7 @@ class Rows:
     """Row `index` of the synthetic corpus, made again on demand from its own seed (10M rows are never held)."""
 
     def __init__(self, rows: int, seed: int, exact_share: float, near_share: float):
-        from config import PrepareFlags
+        from commands.options import PrepareFlags
         from preparation.cleaning import Cleaner
 
         self.cleaner, self.pool, self.seed = Cleaner(PrepareFlags(input="-")), clauses(), seed

@@ -7,7 +7,7 @@ import queue
 import sys
 import threading
 
-from config import ChatFlags
+from commands.options import ChatFlags
 from inference.decoding import check_supported, decoding_settings, ignored_settings, resolved_seed, transformers_kwargs
 from inference.template import Message, PromptTooLong, fit_prompt
 from serving.scheduler import held_back

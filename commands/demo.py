@@ -13,7 +13,8 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config import OUTPUT_DIR, DemoFlags, T5ModelConfigDemo, TrainConfigDemo, changed_fields, resolve_path
+from commands.options import DemoFlags
+from config import OUTPUT_DIR, T5ModelConfigDemo, TrainConfigDemo, changed_fields, resolve_path
 from utils.errors import UserErrors
 
 CHARACTERS = "春夏秋冬山水风花雪月日星云雨天地人心书画江河湖海红黄蓝白金木火土东南西北大小多少上下"

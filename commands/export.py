@@ -7,7 +7,8 @@ imported only when a model is converted.
 import os
 import shutil
 
-from config import ExportFlags, resolve_path
+from commands.options import ExportFlags
+from config import resolve_path
 from inference.ctranslate2 import import_ctranslate2
 from inference.saved_model import model_dir_problem
 from utils.atomic import TMP_PREFIX, fsync_tree

@@ -3,7 +3,8 @@
 import os
 import sys
 
-from config import GenerateFlags, resolve_path
+from commands.options import GenerateFlags
+from config import resolve_path
 from inference.decoding import check_supported, decoding_settings, engine_differences, ignored_settings
 from utils.errors import UserError
 

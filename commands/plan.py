@@ -7,9 +7,10 @@ Every train and model flag works here as in `train`. Rows come from the parquet 
 import os
 import shutil
 
+from commands.options import PlanFlags
 from commands.plan_memory import GIB, GPU_BUDGET_BYTES, window_rows
 from commands.plan_report import report
-from config import PlanFlags, with_resolved_paths
+from config import with_resolved_paths
 from utils.errors import UserError, UserErrors
 
 # Below this share of the card left over, fragmentation of PyTorch's allocator may still run out.

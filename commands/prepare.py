@@ -9,7 +9,8 @@ import glob
 import json
 import os
 
-from config import PrepareFlags, resolve_path, split_paths
+from commands.options import PrepareFlags
+from config import resolve_path, split_paths
 from preparation import layout
 from utils.errors import UserError, UserErrors
 

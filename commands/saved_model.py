@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-from config import EvaluateFlags, resolve_path
+from commands.options import EvaluateFlags
+from config import resolve_path
 from inference.saved_model import load_saved_model, model_dir_problem  # noqa: F401  (re-exported)
 from utils.errors import UserError, UserErrors
 

@@ -2,7 +2,8 @@
 import os
 import sys
 
-from config import ServeFlags, resolve_path
+from commands.options import ServeFlags
+from config import resolve_path
 from inference.decoding import check_supported, decoding_settings, ignored_settings
 from inference.saved_model import model_dir_problem
 from utils.errors import UserError

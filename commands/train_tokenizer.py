@@ -1,7 +1,8 @@
 """`train_tokenizer`: the byte-level BPE of `model.tokenizer`, trained on a sample of a file's text columns."""
 import os
 
-from config import TokenizerFlags, resolve_path, split_paths
+from commands.options import TokenizerFlags
+from config import resolve_path, split_paths
 from utils.errors import UserError
 
 

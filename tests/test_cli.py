@@ -9,17 +9,11 @@ import train_low_mem
 import training.loop
 from commands.cli import main
 from commands.flags import field_docs, field_metadata
+from commands.options import DemoFlags, EvaluateFlags, ExportFlags, GenerateFlags, PlanFlags, PlotFlags, TokenizerFlags
 from config import (
     ConfigChoice,
-    DemoFlags,
-    EvaluateFlags,
-    ExportFlags,
-    GenerateFlags,
-    PlanFlags,
-    PlotFlags,
     T5ModelConfig,
     T5ModelConfigDemo,
-    TokenizerFlags,
     TrainConfig,
     TrainConfigDemo,
     TrainConfigPretrainLarge,

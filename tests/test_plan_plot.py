@@ -16,7 +16,8 @@ from commands.flags import build
 from commands.plan import run_plan
 from commands.plan_memory import GIB, AnalyticActivations, ProbedActivations, step_peak_bytes
 from commands.plot import run_plot
-from config import PlanFlags, T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
+from commands.options import PlanFlags
+from config import T5ModelConfig, TrainConfig, TrainConfigPretrainLarge
 from model.t5 import StandInTokenizer
 from tests.cli_helpers import REPO, TINY_MODEL, run_cli_raw
 from utils.errors import UserError

@@ -20,7 +20,8 @@ import zstandard
 
 from cli_helpers import ENTRY, REPO, TINY_MODEL, child_env, run_cli, run_cli_raw, tiny_run_flags
 from commands.prepare import prepare_command
-from config import PrepareFlags, TrainConfig, with_resolved_paths
+from commands.options import PrepareFlags
+from config import TrainConfig, with_resolved_paths
 from data_pipeline.parquet import expand_paths
 from preparation import layout
 from preparation.candidates import bucket_pairs

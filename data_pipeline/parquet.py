@@ -3,12 +3,14 @@
 The trainer, the tokenizer, evaluation, `plan` and the pre-flight all read the same files, so they find the same
 problems with the same words: each names the file and what is wrong with it, as a `UserError`.
 """
+import functools
 import glob
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preparation.layout import prepared_file
@@ -103,15 +105,23 @@ def read_batches(parquet: pq.ParquetFile, path: str, columns=TEXT_COLUMNS, row_g
         raise UnreadableData(f"{path}: cannot read{where} ({error})") from None
 
 
-def first_usable_rows(path: str, max_rows: int, columns=TEXT_COLUMNS) -> list[list[str]]:
-    """Each column's values in the first `max_rows` rows where none of `columns` is null or empty."""
+def non_empty(rows: pa.Table, columns) -> np.ndarray:
+    """Rows where every one of `columns` holds text (neither null nor empty)."""
+    usable = functools.reduce(pc.and_, [pc.greater(pc.utf8_length(rows[name]), 0) for name in columns])
+    return pc.fill_null(usable, False).to_numpy(zero_copy_only=False)
+
+
+def first_usable_rows(path: str, max_rows: int, columns=TEXT_COLUMNS, usable=None) -> list[list[str]]:
+    """Each column's values in the first `max_rows` usable rows: where `usable(table)` (a bool per row of a table
+    of `columns`) holds, by default where none of `columns` is null or empty."""
     read_footer(path, columns)
     kept = [[] for _ in columns]
     for batch in read_batches(open_parquet(path), path, columns):
-        for row in zip(*(batch.column(name).to_pylist() for name in columns)):
-            if all(row):
-                for values, value in zip(kept, row):
-                    values.append(value)
-                if len(kept[0]) == max_rows:
-                    return kept
+        table = pa.Table.from_batches([batch])
+        rows = np.flatnonzero(usable(table) if usable else non_empty(table, columns))[: max_rows - len(kept[0])]
+        for values, name in zip(kept, columns):
+            values.extend(table[name].take(rows).to_pylist())
+        if len(kept[0]) == max_rows:
+            break
+    return kept
     return kept

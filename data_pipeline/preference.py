@@ -13,9 +13,8 @@ import pyarrow.compute as pc
 import torch
 
 from data_pipeline.batch import LABEL_PAD, MicroBatch, Ragged
-from data_pipeline.pairs import PairDataset, Rows, non_empty
-from data_pipeline.parquet import open_parquet, read_batches, read_footer
-from data_pipeline.tokenize import tokenize
+from data_pipeline.pairs import PairDataset, Rows
+from data_pipeline.parquet import non_empty
 
 USABLE, EMPTY, SAME_ANSWERS = 0, 1, 2  # why a pair is (not) trained on
 
@@ -33,18 +32,9 @@ def pair_verdicts(rows: pa.Table, columns) -> np.ndarray:
     return verdicts
 
 
-def first_usable_pairs(path: str, max_pairs: int, columns) -> list[list[str]]:
-    """Prompts, chosen and rejected answers of the first `max_pairs` usable pairs of a file (the evaluation's)."""
-    read_footer(path, columns)
-    kept = [[] for _ in columns]
-    for batch in read_batches(open_parquet(path), path, columns):
-        table = pa.Table.from_batches([batch])
-        for row in np.flatnonzero(pair_verdicts(table, columns) == USABLE)[: max_pairs - len(kept[0])]:
-            for values, name in zip(kept, columns):
-                values.append(table[name][int(row)].as_py())
-        if len(kept[0]) >= max_pairs:
-            break
-    return kept
+def usable_pairs(rows: pa.Table) -> np.ndarray:
+    """Which rows of a table of (prompt, chosen, rejected) columns, in that order, are pairs to train on."""
+    return pair_verdicts(rows, rows.column_names) == USABLE
 
 
 @dataclass
@@ -92,14 +82,14 @@ class PreferenceDataset(PairDataset):
     def describe(self) -> str:
         return f"{self.num_rows} pairs"
 
-    def _window(self, epoch: int, window: int, layout_size: int) -> Rows:
-        rows = self._read_window_rows(epoch, window)
-        texts = [tokenize(self._encoder, pc.fill_null(rows[name], "")) for name in self.columns]
+    def _usable(self, rows) -> np.ndarray:
+        return usable_pairs(rows)
+
+    def _per_row(self, epoch: int, window: int) -> np.ndarray:
+        """Each pair's reference log-probabilities, looked up by its row number in the files."""
         if self._reference is None:
             self._reference = np.load(self.reference_path, mmap_mode="r")
-        reference = np.asarray(self._reference[self._window_row_ids(epoch, window)])
-        usable = pair_verdicts(rows, self.columns) == USABLE
-        return self._grouped(Rows(texts, usable, reference), epoch, window, layout_size)
+        return np.asarray(self._reference[self._window_row_ids(epoch, window)])
 
     def _answer_lengths(self, rows: Rows) -> np.ndarray:
         """The decoder's tokens of a pair: its longer answer (both are padded to the longest of the batch)."""

@@ -17,7 +17,7 @@ from data_pipeline.packed_text import EVAL_STREAM, leading_chunks, mask_generato
 from data_pipeline.parquet import first_usable_rows
 from data_pipeline.span_corruption import corruption_of, sentinel_ids
 from data_pipeline.batch import MicroBatch, Ragged
-from data_pipeline.preference import PreferenceMicroBatch, columns_of, first_usable_pairs
+from data_pipeline.preference import PreferenceMicroBatch, columns_of, usable_pairs
 from data_pipeline.tokenize import shared_encoder, tokenize
 from model.preference import PREFERENCE_STATS, PreferenceLoss, answer_logps
 from training.memory import release_memory
@@ -199,6 +199,26 @@ class DenoisingEvaluator:
         return token_loss_sum(model, batch.input_ids, batch.attention_mask, batch.labels)
 
 
+def pair_logps(accelerator, model, halving: HalvingBatches, texts, rows: np.ndarray, pad_id: int) -> torch.Tensor:
+    """(len(rows), 2): the summed log-probabilities of the chosen and rejected answers of pairs `rows` of `texts`
+    (the prompts', chosen and rejected answers' `Ragged`s) under `model`, in `halving`'s batches, in the order
+    given; a prompt mask only where a batch's prompts are padded, as the training step passes it."""
+    logps = torch.zeros(len(rows), 2, device=accelerator.device)
+
+    def score(part: list) -> torch.Tensor:
+        picked = rows[part]
+        batch = PreferenceMicroBatch.of_pairs(*(text.take(picked) for text in texts), np.zeros((len(picked), 2)),
+                                              pad_id).to(accelerator.device)
+        mask = batch.attention_mask if batch.input_padding else None
+        return answer_logps(unwrapped, batch.input_ids, mask, batch.labels).view(2, -1).T.float()
+
+    with scoring(accelerator, model) as unwrapped:
+        for block in halving.blocks(list(range(len(rows)))):
+            for part, values in halving.run(block, score):
+                logps[part] = values
+    return logps
+
+
 class PreferenceEvaluator:
     """The DPO loss and figures on the first `eval_max_samples` usable validation pairs; rank r scores pairs r, r+W,
     ... The reference pass computes the starting model's log-probabilities of them with `answer_logps`, batch for
@@ -210,7 +230,7 @@ class PreferenceEvaluator:
         self.loss, self.max_seq_len = PreferenceLoss.of(cfg), cfg.max_seq_len
         self.halving = HalvingBatches(cfg.eval_batch_size)
         columns = columns_of(cfg)
-        self.pairs = first_usable_pairs(cfg.validation_file, cfg.eval_max_samples, columns) \
+        self.pairs = first_usable_rows(cfg.validation_file, cfg.eval_max_samples, columns, usable_pairs) \
             if cfg.eval_max_samples else [[] for _ in columns]
         self.total = len(self.pairs[0])
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -222,18 +242,8 @@ class PreferenceEvaluator:
 
     def answer_logps(self, model) -> torch.Tensor:
         """(this rank's pairs, 2): the summed log-probabilities of their chosen and rejected answers under `model`."""
-        logps = torch.zeros(len(self.indices), 2, device=self.accelerator.device)
-        with scoring(self.accelerator, model) as unwrapped:
-            for block in self.halving.blocks(list(range(len(self.indices)))):
-                for part, values in self.halving.run(block, lambda part: self.score(unwrapped, part)):
-                    logps[part] = values
-        return logps
-
-    def score(self, model, part: list) -> torch.Tensor:
-        rows = np.asarray(part)
-        batch = PreferenceMicroBatch.of_pairs(*(text.take(rows) for text in self.texts), np.zeros((len(rows), 2)),
-                                              self.tokenizer.pad_token_id).to(self.accelerator.device)
-        return answer_logps(model, batch.input_ids, batch.attention_mask, batch.labels).view(2, -1).T.float()
+        return pair_logps(self.accelerator, model, self.halving, self.texts, np.arange(len(self.indices)),
+                          self.tokenizer.pad_token_id)
 
     def evaluate(self, model, progress: bool = False) -> EvalResult:
         policy = self.answer_logps(model)

@@ -26,13 +26,12 @@ from accelerate.utils import gather_object
 
 from config import split_paths
 from data_pipeline.parquet import expand_paths, open_parquet, read_batches, read_footer
-from data_pipeline.preference import EMPTY, SAME_ANSWERS, USABLE, PreferenceMicroBatch, columns_of, pair_verdicts
+from data_pipeline.preference import EMPTY, SAME_ANSWERS, USABLE, columns_of, pair_verdicts
 from data_pipeline.tokenize import shared_encoder, tokenize
-from model.preference import answer_logps
 from model.tokenizer import tokenizer_fingerprint
-from training.evaluation import HalvingBatches, scoring
+from training.evaluation import HalvingBatches, pair_logps
 from training.resume import newest_state, read_run_description
-from utils.atomic import write_json_atomically
+from utils.atomic import save_array_atomically, write_json_atomically
 from utils.distributed import decided_by_main, ranks_where
 from utils.errors import UserError
 
@@ -159,10 +158,7 @@ class ReferencePass:
                 if index == first + rank:
                     mine = (index, table)
             if mine and not os.path.exists(self.part_path(mine[0])):
-                logps = self.part_logps(model, mine[1])
-                tmp = self.part_path(mine[0]) + ".tmp.npy"
-                np.save(tmp, logps)
-                os.replace(tmp, self.part_path(mine[0]))
+                save_array_atomically(self.part_path(mine[0]), self.part_logps(model, mine[1]))
             if ranks_where(self.accelerator, stop_requested()):
                 log.warning("stopped by a signal during the reference pass: the parts computed so far are kept in "
                             "%s; run the same command again to continue it", self.reference.directory)
@@ -181,18 +177,8 @@ class ReferencePass:
         usable = np.flatnonzero(verdicts == USABLE)
         longest_answer = np.maximum(texts[1].lengths, texts[2].lengths)
         order = usable[np.argsort(texts[0].lengths[usable] + longest_answer[usable], kind="stable")]
-        with scoring(self.accelerator, model) as unwrapped:
-            for block in self.halving.blocks(list(order)):
-                for rows, logps in self.halving.run(block, lambda part: self.logps(unwrapped, texts, part)):
-                    result[rows, :2] = logps
+        result[order, :2] = pair_logps(self.accelerator, model, self.halving, texts, order, self.pad_id).cpu().numpy()
         return result
-
-    def logps(self, model, texts, rows) -> np.ndarray:
-        rows = np.asarray(rows)
-        batch = PreferenceMicroBatch.of_pairs(*(text.take(rows) for text in texts), np.zeros((len(rows), 2)),
-                                              self.pad_id).to(self.accelerator.device)
-        mask = batch.attention_mask if batch.input_padding else None  # as the training step passes it
-        return answer_logps(model, batch.input_ids, mask, batch.labels).view(2, -1).T.float().cpu().numpy()
 
     def merge(self, parts: int, valid: list) -> None:
         """The training parts into one array, the ranks' validation pairs into another, then meta.json, which marks
@@ -202,9 +188,7 @@ class ReferencePass:
         for indices, logps in valid:
             validation[indices] = logps
         for split, values in (("train", merged[:, :2]), ("valid", validation)):
-            tmp = self.reference.path(split) + ".tmp.npy"
-            np.save(tmp, np.ascontiguousarray(values))
-            os.replace(tmp, self.reference.path(split))
+            save_array_atomically(self.reference.path(split), np.ascontiguousarray(values))
         shutil.rmtree(os.path.dirname(self.part_path(0)), ignore_errors=True)
         verdicts = merged[:, 2]
         write_json_atomically(self.reference.meta_path, {

@@ -8,7 +8,7 @@ gradients over the W ranks and Accelerate's `backward` divides by the A accumula
 exact gradient of the step's mean token loss, so accumulation and data parallelism are re-groupings of one sum.
 """
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType

@@ -38,6 +38,19 @@ def write_json_atomically(path: str, payload) -> None:
     write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2))
 
 
+def save_array_atomically(path: str, array) -> None:
+    """A numpy array as a .npy file at `path`, whole or not at all."""
+    import numpy as np
+
+    tmp = f"{path}.tmp.npy"  # (np.save appends .npy to a name without it)
+    with open(tmp, "wb") as out:
+        np.save(out, array)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def replace_directory(tmp: str, final: str) -> None:
     """Atomically replace `final` by the complete directory `tmp` (the old one survives until the swap)."""
     fsync_tree(tmp)

@@ -7,9 +7,10 @@ level) and time (--max_seconds per level).
 
 Without --model_dir it trains the demo model first (`train_low_mem.py demo`, a few minutes on 2 cores). Reports
 tokens/s (completion tokens, [EOS] excluded, over the wall time of the level), the speed-up over one client at a
-time, and p50/p99 of the time to the first text and of the whole request. The levels run in turn, `--rounds`
-times (1, 8, 32, 1, 8, 32, ...): a level's tokens/s is the median of its rounds, so a moment when the machine was
-busy costs one round, not the whole comparison.
+time, p50/p99 of the time to the first text and of the whole request, and the CPU each request cost the server,
+its model process and the clients (all on the same cores: what the clients take, the server does not get). The
+levels run in turn, `--rounds` times (1, 8, 32, 1, 8, 32, ...): a level's tokens/s is the median of its rounds, so
+a moment when the machine was busy costs one round, not the whole comparison.
 """
 import argparse
 import asyncio
@@ -74,16 +75,17 @@ class Malformed(Exception):
     pass
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed request, checked chunk by chunk: its token count and timings."""
+async def one_request(session, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed request, checked line by line: its token count and timings."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     first_text, finish, usage, role, done, text = None, None, None, False, False, ""
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            raise Malformed(f"status {response.status_code}: {await response.aread()}")
-        async for line in response.aiter_lines():
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise Malformed(f"status {response.status}: {await response.read()}")
+        async for raw in response.content:  # one line at a time
+            line = raw.decode().rstrip("\n")
             if not line:
                 continue
             if done or not line.startswith("data: "):
@@ -107,23 +109,35 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 
 async def level(url: str, model: str, clients: int, prompts: list[str], max_tokens: int, limit: float) -> dict:
-    import httpx
+    import aiohttp
 
     queue = list(prompts)
     results, failures = [], []
 
-    async def client_loop(client):
+    async def client_loop(session):
         while queue:
             prompt = queue.pop()
             try:
-                results.append(await one_request(client, url, model, prompt, max_tokens))
-            except (Malformed, httpx.HTTPError) as error:
+                results.append(await one_request(session, url, model, prompt, max_tokens))
+            except (Malformed, aiohttp.ClientError) as error:
                 failures.append(str(error))
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=limit, limits=httpx.Limits(max_connections=clients)) as client:
-        await asyncio.wait_for(asyncio.gather(*(client_loop(client) for _ in range(clients))), limit)
+    # aiohttp, not httpx: the clients share the server's two cores, and aiohttp's C parser spends a third of
+    # httpx's CPU on each request (0.3 ms, not 0.9, measured at 8 clients: docs/BENCHMARKS.md)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=limit)) as session:
+        await asyncio.wait_for(asyncio.gather(*(client_loop(session) for _ in range(clients))), limit)
     seconds = time.perf_counter() - started
     return dict(results=results, failures=failures, seconds=seconds)
+
+
+def cpu_seconds(server: subprocess.Popen) -> tuple[float, float, float]:
+    """CPU time so far of the HTTP server, of its model process (and the rest of its children), of these clients."""
+    import psutil
+
+    process = psutil.Process(server.pid)
+    children = sum(sum(child.cpu_times()[:2]) for child in process.children(recursive=True))
+    return sum(process.cpu_times()[:2]), children, time.process_time()
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -135,7 +149,8 @@ def main() -> None:
     args = parse_args()
     prompts = demo_rows(args.requests, seed=5)[0]
     lines = ["| clients | requests | complete | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | "
-             "request p50 ms | request p99 ms | tokens/s of each round |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "request p50 ms | request p99 ms | CPU ms per request: server, model, clients | tokens/s of each round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lost = 0
     runs = {clients: [] for clients in args.levels}  # each round's outcome, by level
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
@@ -145,13 +160,18 @@ def main() -> None:
         server = start_server(model_dir, port, args.max_batch, max(args.levels))
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            asyncio.run(level(url, model_id(model_dir), 1, prompts[:2], args.max_tokens, args.max_seconds))  # warm-up
+            # Warm-up: every batch size the levels reach has been seen (buffers allocated, code paths run once).
+            for clients in args.levels:
+                asyncio.run(level(url, model_id(model_dir), clients, prompts[:2 * clients], args.max_tokens,
+                                  args.max_seconds))
             for round_ in range(args.rounds):
                 for clients in args.levels:
                     print(f"round {round_ + 1}: {clients} concurrent clients, {len(prompts)} requests",
                           file=sys.stderr, flush=True)
+                    before = cpu_seconds(server)
                     outcome = asyncio.run(level(url, model_id(model_dir), clients, prompts, args.max_tokens,
                                                 args.max_seconds))
+                    outcome["cpu"] = [after - start for after, start in zip(cpu_seconds(server), before)]
                     lost += len(prompts) - len(outcome["results"])
                     for failure in outcome["failures"][:3]:
                         print(f"failed: {failure}", file=sys.stderr)
@@ -166,11 +186,13 @@ def main() -> None:
         first = [r["first"] * 1000 for r in results] or [0.0]
         total = [r["total"] * 1000 for r in results] or [0.0]
         each = ", ".join(f"{sum(r['tokens'] for r in o['results']) / o['seconds']:,.0f}" for o in outcomes)
+        cpu = ", ".join(f"{sum(o['cpu'][part] for o in outcomes) * 1000 / max(1, len(results)):.2f}"
+                        for part in range(3))
         lines.append(f"| {clients} | {len(prompts) * len(outcomes)} | {len(results)} | "
                      f"{sum(r['tokens'] for r in results)} | {rates[clients]:,.0f} | "
                      f"{rates[clients] / rates[args.levels[0]]:.2f}x | {statistics.median(first):.0f} | "
                      f"{percentile(first, 0.99):.0f} | {statistics.median(total):.0f} | "
-                     f"{percentile(total, 0.99):.0f} | {each} |")
+                     f"{percentile(total, 0.99):.0f} | {cpu} | {each} |")
     heading = "SMOKE RUN (tiny counts: not figures)\n" if args.smoke else ""
     print(f"{heading}serve on loopback, model {model_id(model_dir)}, max_batch {args.max_batch}, max_tokens "
           f"{args.max_tokens}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")

@@ -10,7 +10,7 @@ import threading
 from commands.options import ChatFlags
 from inference.decoding import check_supported, decoding_settings, ignored_settings, resolved_seed, transformers_kwargs
 from inference.template import Message, PromptTooLong, fit_prompt
-from serving.scheduler import held_back
+from serving.worker import held_back
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
 USER_PROMPT, MODEL_PROMPT = "you> ", "model> "

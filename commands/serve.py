@@ -29,17 +29,15 @@ def serve_command(flags: ServeFlags) -> None:
     for warning in ignored_settings(settings):
         print(f"warning: {warning}", file=sys.stderr)
 
-    from inference.saved_model import load_for_answers
-    from inference.stepper import StepDecoder
+    from model.tokenizer import load_tokenizer
     from serving.app import ServerSettings
     from serving.scheduler import Scheduler
     from serving.server import serve
 
-    model, tokenizer, placement = load_for_answers(flags.model_dir)
-    scheduler = Scheduler(StepDecoder(model, tokenizer, placement), flags.max_batch, flags.queue_size)
+    # The model loads in its own process (serving/worker.py); this one needs the tokenizer, for the prompts.
+    scheduler = Scheduler(flags.model_dir, load_tokenizer(resolve_path(flags.model_dir)), flags.max_batch,
+                          flags.queue_size)
     server_settings = ServerSettings(model_id=model_id(flags.model_dir), defaults=settings,
                                      max_seq_len=flags.max_seq_len, api_key=flags.api_key,
                                      max_body_bytes=flags.max_body_kb * 1024)
-    print(f"model {server_settings.model_id} on {placement.describe()}: batches of up to {flags.max_batch}, "
-          f"{flags.queue_size} more may wait", file=sys.stderr, flush=True)
     serve(scheduler, server_settings, flags.host, flags.port, flags.drain_seconds)

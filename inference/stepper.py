@@ -114,7 +114,7 @@ class StepDecoder:
         lengths = torch.tensor([len(row) for row in rows], device=device)
         return ids, torch.arange(width, device=device)[None, :] < lengths[:, None]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def join(self, sequences: list[Sequence]) -> None:
         """Run the encoder, and each decoder layer's cross-attention projections, once for the newly arrived
         sequences (together)."""
@@ -125,7 +125,7 @@ class StepDecoder:
             length = len(sequence.prompt_ids)
             sequence.cross_attention = (keys[:, index, :, :length], values[:, index, :, :length])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, sequences: list[Sequence]) -> list[int]:
         """The next token of every sequence (appended to its `generated`), from one decoder pass over all. A
         sequence not in the previous step's batch must be new (nothing generated): its row starts here."""
@@ -172,14 +172,15 @@ class StepDecoder:
         return [seated[id(sequence)] for sequence in sequences]
 
     def rebuild(self, arriving: list[Sequence]) -> None:
-        """New buffers: the live rows, gathered, then a free row for each arriving sequence; the columns before
+        """New buffers: the live rows, gathered, then free rows (for the arriving sequences, and more up to a power
+        of two, so that arrivals seldom need another rebuild); the columns before
         the earliest live request's start cut (the distances between the columns that stay do not change), room
         for twice the columns still needed; as wide as the longest live or arriving prompt."""
         live = [row for row, sequence in enumerate(self.rows) if sequence is not None]
         old = self.cache
         cut = int(old.start[live].min()) if live else self.column
         kept_columns = self.column - cut
-        columns = max(16, 2 * (kept_columns + 1))
+        columns = max(64, 2 * (kept_columns + 1))
         kept_prompt = int(old.prompt_lengths[live].max()) if live else 0
         prompt_width = max([kept_prompt] + [len(sequence.prompt_ids) for sequence in arriving])
         if arriving:  # a prompt's keys: (layers, heads, length, d_kv)
@@ -188,7 +189,7 @@ class StepDecoder:
         else:
             like = old.self_keys
             layers, _, heads, _, d_kv = like.shape
-        rows = len(live) + len(arriving)
+        rows = 1 << (len(live) + len(arriving) - 1).bit_length()  # a power of two: room for a few more
         buffers = [like.new_zeros((layers, rows, heads, width, d_kv))
                    for width in (columns, columns, prompt_width, prompt_width)]
         start = torch.zeros(rows, dtype=torch.long, device=like.device)
@@ -202,7 +203,7 @@ class StepDecoder:
             start[:len(live)] = old.start[index] - cut
             prompt_lengths[:len(live)] = old.prompt_lengths[index]
         self.cache = DecodingCache(*buffers, start=start, prompt_lengths=prompt_lengths)
-        self.rows = [self.rows[row] for row in live] + [None] * len(arriving)
+        self.rows = [self.rows[row] for row in live] + [None] * (rows - len(live))
         self.column = kept_columns
 
     def choose(self, sequence: Sequence, scores: torch.Tensor) -> int:

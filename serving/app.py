@@ -19,7 +19,8 @@ from config import DecodingSettings
 from inference.template import PromptTooLong, fit_prompt
 from serving.protocol import (ApiError, chunk, completion, messages_of, new_id, parse_request, settings_of,
                               stops_of, usage)
-from serving.scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler
+from serving.scheduler import Job, QueueFull, Scheduler
+from serving.worker import Delta, Failed, Finished
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 
@@ -31,6 +32,20 @@ class ServerSettings:
     max_seq_len: int
     api_key: str
     max_body_bytes: int
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from an iterator of (text, last) whose last write also ends the body: Starlette's own
+    ends it with one more, empty write, that is one more packet, and one more wake-up of the client, per answer."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for text, last in self.body_iterator:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": not last})
+            ended = ended or last
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -109,6 +124,9 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if scheduler.ended:  # a monitor sees that the server cannot answer any more
+            return JSONResponse({"status": "error", "model": settings.model_id, "error": scheduler.ended},
+                                status_code=503)
         return {"status": "ok", "model": settings.model_id, **scheduler.load()}
 
     @app.get("/v1/models")
@@ -142,18 +160,17 @@ def create_app(scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         except PromptTooLong as error:
             raise ApiError(400, f"messages: {error} (the server's --max_seq_len)", param="messages",
                            code="context_length_exceeded") from None
-        job = Job(prompt.ids, decoding, stops, asyncio.get_running_loop())
         try:
-            scheduler.submit(job)
+            job = scheduler.submit(prompt.ids, decoding, stops)
         except QueueFull as error:
             raise ApiError(429, str(error), code="rate_limit_exceeded", kind="rate_limit_error",
                            headers={"Retry-After": str(error.retry_after)}) from None
         completion_id = new_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(job, completion_id, settings.model_id, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await whole(job, completion_id, settings.model_id, request)
+            return EventStream(stream(scheduler, job, completion_id, settings.model_id, include_usage),
+                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await whole(scheduler, job, completion_id, settings.model_id, request)
 
     return app
 
@@ -168,7 +185,7 @@ def page_defaults(settings: ServerSettings) -> dict:
             "seed": d.seed if d.seed >= 0 else None, "max_seq_len": settings.max_seq_len}
 
 
-async def whole(job: Job, completion_id: str, model_id: str, request: Request) -> JSONResponse:
+async def whole(scheduler: Scheduler, job: Job, completion_id: str, model_id: str, request: Request) -> JSONResponse:
     """Wait for the whole answer; a client that hangs up meanwhile cancels it (its place goes to another)."""
     parts = []
     try:
@@ -177,7 +194,6 @@ async def whole(job: Job, completion_id: str, model_id: str, request: Request) -
                 event = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancelled.set()
                     return JSONResponse({}, status_code=499)
                 continue
             if isinstance(event, Delta):
@@ -188,20 +204,23 @@ async def whole(job: Job, completion_id: str, model_id: str, request: Request) -
             else:
                 raise ApiError(503, event.message, kind="server_error", code="unavailable")
     finally:
-        job.cancelled.set()  # a no-op once finished; frees the place when this coroutine is cancelled
+        scheduler.cancel(job)  # a no-op once finished; frees the place when the client is gone
 
 
-async def stream(job: Job, completion_id: str, model_id: str, include_usage: bool):
+async def stream(scheduler: Scheduler, job: Job, completion_id: str, model_id: str, include_usage: bool):
     """Server-sent events: a first chunk with the role, one per text delta, the finish chunk, the usage chunk
-    (stream_options.include_usage), then `data: [DONE]`. A client gone cancels this generator: the job too."""
+    (stream_options.include_usage), then `data: [DONE]`; each write with whether it is the last. A client gone
+    cancels this generator: the job too."""
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
     try:
-        yield event(chunk(completion_id, model_id, {"role": "assistant", "content": ""}))
+        # The role chunk goes out with the first events: one write fewer for each request, and nothing is late
+        # for it (a client shows nothing before the first text).
+        text = [event(chunk(completion_id, model_id, {"role": "assistant", "content": ""}))]
         ended = False
         while not ended:
             # Every event already waiting goes out in one write: a busy server sends fewer, fuller packets.
-            items, text = [await job.events.get()], []
+            items = [await job.events.get()]
             while not job.events.empty():
                 items.append(job.events.get_nowait())
             for item in items:
@@ -216,6 +235,7 @@ async def stream(job: Job, completion_id: str, model_id: str, include_usage: boo
                 elif isinstance(item, Failed):
                     text.append(event(ApiError(503, item.message, kind="server_error", code="unavailable").body()))
                     ended = True
-            yield "".join(text) + ("data: [DONE]\n\n" if ended else "")
+            yield "".join(text) + ("data: [DONE]\n\n" if ended else ""), ended
+            text = []
     finally:
-        job.cancelled.set()
+        scheduler.cancel(job)

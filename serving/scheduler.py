@@ -1,32 +1,25 @@
-"""One worker thread owns the model and decodes every request in one batch, one token each per step
-(`inference.stepper`): a request that arrives mid-generation joins at the next step, a finished or abandoned one
-leaves it at once. Requests beyond the batch wait in a bounded queue; beyond that, `submit` refuses them
-(QueueFull: the HTTP layer answers 429 with Retry-After), so the backlog never grows without bound.
+"""The server's side of the model process (serving/worker.py): it starts the process, hands it each request and
+each cancellation, and hands each request's events back to the coroutine that waits for them. Requests beyond the
+batch wait (in the worker) in a bounded queue; beyond that, `submit` refuses them (QueueFull: the HTTP layer
+answers 429 with Retry-After), so the backlog never grows without bound.
 
-The asyncio side receives a request's events (text deltas, then the end) through its own asyncio.Queue, fed with
-`call_soon_threadsafe`; it cancels a request (a client gone) by setting its `cancelled` flag, seen at the next step.
+The worker's reports, one per decoding step, are read on the event loop itself (`listen`: the pipe is one more
+file the loop watches), so a step's events reach their coroutines with no thread in between: a reader thread
+would wake, wait for the interpreter's lock the HTTP side holds, and wake the loop again, at every step. If the
+worker dies, the requests in flight end with an error and new ones are refused with one.
 """
 import asyncio
 import collections
+import itertools
 import math
+import multiprocessing
 import sys
-import threading
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from config import DecodingSettings
-from inference.stepper import Sequence, StepDecoder
-
-HOLD_BACK = "\ufffd"  # the decoder's stand-in for a character whose bytes are not all generated yet
-
-
-def held_back(text: str) -> int:
-    """Characters at the end of a decoded answer that may still change: up to 3 replacement characters, the bytes
-    of a character whose last byte is not generated yet (a UTF-8 character has at most 4). More are bytes that
-    will never form a character, and go out as they are."""
-    count = len(text) - len(text.rstrip(HOLD_BACK))
-    return count if count <= 3 else 0
+from serving.worker import Cancel, Failed, Finished, Load, Report, Request, Started, Stop, run_worker
+from utils.errors import UserError
 
 
 class QueueFull(Exception):
@@ -36,157 +29,127 @@ class QueueFull(Exception):
 
 
 @dataclass
-class Delta:
-    text: str
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop" ([EOS] or a stop string), "length" (max tokens)
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Failed:
-    message: str
-
-
-@dataclass
 class Job:
-    """A request as the worker sees it, and the channel back to the coroutine that waits for it."""
+    """A submitted request, as its coroutine sees it: its events arrive in `events`."""
 
-    prompt_ids: list[int]
-    settings: DecodingSettings
-    stop: tuple[str, ...]
-    loop: asyncio.AbstractEventLoop
+    id: int
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    sequence: Sequence | None = None
-    sent: int = 0  # characters of the answer already sent
     submitted: float = field(default_factory=time.monotonic)
-
-    def emit(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-def deliver(outbox: list[tuple[Job, object]]) -> None:
-    """Runs on the event loop: hand each event of one decoding step to its request."""
-    for job, event in outbox:
-        job.events.put_nowait(event)
 
 
 class Scheduler:
-    def __init__(self, decoder: StepDecoder, max_batch: int, queue_size: int):
-        self.decoder, self.tokenizer = decoder, decoder.tokenizer
-        self.max_batch, self.queue_size = max_batch, queue_size
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.active: list[Job] = []
-        self.lock = threading.Condition()
-        self.running = True
-        self.recent_seconds = collections.deque(maxlen=32)  # durations of finished requests, for Retry-After
-        self.steps = 0
-        self.thread = threading.Thread(target=self.work, name="model-worker", daemon=True)
+    """Every method but start and stop runs on the event loop's thread: nothing here is shared between threads."""
 
-    def start(self) -> None:
-        self.thread.start()
+    def __init__(self, model_dir: str, tokenizer, max_batch: int, queue_size: int):
+        self.model_dir, self.tokenizer = model_dir, tokenizer
+        self.max_batch, self.queue_size = max_batch, queue_size
+        self.jobs: dict[int, Job] = {}  # submitted, not finished nor cancelled
+        self.ids = itertools.count()
+        self.worker_load = Load()
+        self.ended = ""  # why the worker is gone, once it is
+        self.recent_seconds = collections.deque(maxlen=32)  # durations of finished requests, for Retry-After
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of a process with threads
+        self.connection, worker_end = context.Pipe()
+        self.process = context.Process(target=run_worker, args=(model_dir, max_batch, worker_end),
+                                       name="model-worker", daemon=True)
+        self.worker_end = worker_end
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> str:
+        """Start the worker and wait for its model to load: the device it answers on."""
+        self.process.start()
+        self.worker_end.close()  # the worker's copy is its own now: the pipe closes when the worker ends
+        try:
+            started: Started = self.connection.recv()
+        except EOFError:
+            raise UserError(f"the model process ended while loading {self.model_dir} (its error is above)") from None
+        if started.error:
+            self.process.join(10)
+            raise UserError(started.error)
+        return started.device
+
+    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on `loop` reads the worker's reports (before the server takes its first request)."""
+        self.loop = loop
+        loop.add_reader(self.connection.fileno(), self.read_reports)
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self.lock:
-            self.running = False
-            self.lock.notify()
-        self.thread.join(timeout)
+        """After the event loop: fail the requests still in flight, let the worker exit, and wait for it
+        (bounded). Its last reports are read and dropped meanwhile, so that it never blocks on a full pipe."""
+        if self.process.is_alive():
+            self.send(Stop())
+            deadline = time.monotonic() + timeout
+            try:
+                while self.process.is_alive() and time.monotonic() < deadline:
+                    if self.connection.poll(0.05):
+                        self.connection.recv()
+            except (EOFError, OSError):
+                pass  # it has exited
+            self.process.join(max(0.0, deadline - time.monotonic()))
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
 
     def load(self) -> dict:
-        with self.lock:
-            return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "queue_size": self.queue_size, "steps": self.steps}
+        return {**asdict(self.worker_load), "max_batch": self.max_batch, "queue_size": self.queue_size}
 
-    def submit(self, job: Job) -> None:
-        with self.lock:
-            free = self.max_batch - len(self.active)
-            if len(self.waiting) >= free + self.queue_size:
-                raise QueueFull(self.retry_after())
-            self.waiting.append(job)
-            self.lock.notify()
+    def submit(self, prompt_ids: list[int], settings: DecodingSettings, stop: tuple[str, ...]) -> Job:
+        job = Job(next(self.ids))
+        if self.ended:
+            job.events.put_nowait(Failed(self.ended))
+            return job
+        if len(self.jobs) >= self.max_batch + self.queue_size:
+            raise QueueFull(self.retry_after())
+        self.jobs[job.id] = job
+        self.send(Request(job.id, prompt_ids, settings, stop))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone (or the answer is complete: then nothing to do); its place goes to another."""
+        if self.jobs.pop(job.id, None) is not None:
+            self.send(Cancel(job.id))
+
+    def send(self, message) -> None:
+        try:
+            self.connection.send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the worker is gone: reading its reports ends, and that fails its requests
 
     def retry_after(self) -> int:
         """Seconds until a place is likely free: a recent request's duration for each full batch ahead."""
         typical = sorted(self.recent_seconds)[len(self.recent_seconds) // 2] if self.recent_seconds else 1.0
-        return max(1, math.ceil(typical * (1 + len(self.waiting) // self.max_batch)))
+        waiting = max(0, len(self.jobs) - self.max_batch)
+        return max(1, math.ceil(typical * (1 + waiting // self.max_batch)))
 
-    def work(self) -> None:
-        while True:
-            with self.lock:
-                while self.running and not self.waiting and not self.active:
-                    self.lock.wait()
-                if not self.running:
-                    break
-                joining = []
-                while self.waiting and len(self.active) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
-            try:
-                self.advance(joining)
-            except Exception:  # a bug must end its requests with an error, not hang them (and the worker)
-                traceback.print_exc(file=sys.stderr)
-                with self.lock:
-                    failed, self.active = self.active + joining, []
-                for job in failed:
-                    job.emit(Failed("the model failed on this request (the server log has the details)"))
-        with self.lock:
-            for job in list(self.waiting) + self.active:
-                job.emit(Failed("the server is shutting down"))
+    def read_reports(self) -> None:
+        """The pipe is readable: every report that has arrived, each step's events to their requests."""
+        try:
+            while True:
+                self.dispatch(self.connection.recv())
+                if not self.connection.poll():
+                    return
+        except (EOFError, OSError):
+            self.worker_gone()
 
-    def advance(self, joining: list[Job]) -> None:
-        joining = [job for job in joining if not job.cancelled.is_set()]
-        for job in joining:
-            job.sequence = Sequence(job.prompt_ids, job.settings)
-        if joining:
-            self.decoder.join([job.sequence for job in joining])
-        with self.lock:
-            self.active = [job for job in self.active if not job.cancelled.is_set()] + joining
-            active = list(self.active)
-        if not active:
-            return
-        tokens = self.decoder.step([job.sequence for job in active])
-        self.steps += 1
-        outbox = []
-        done = [job for job, token in zip(active, tokens) if self.after_token(job, token, outbox)]
-        # One wake-up of the event loop per step for all the requests of the batch (each call_soon_threadsafe
-        # writes to the loop's self-pipe): with 32 requests, 32 times fewer system calls than one per event.
-        for loop in {job.loop for job, _ in outbox}:
-            loop.call_soon_threadsafe(deliver, [(job, event) for job, event in outbox if job.loop is loop])
-        if done:
-            with self.lock:
-                self.active = [job for job in self.active if job not in done]
-            now = time.monotonic()
-            self.recent_seconds.extend(now - job.submitted for job in done)
+    def dispatch(self, report: Report) -> None:
+        self.worker_load, now = report.load, time.monotonic()
+        for request_id, event in report.events:
+            job = self.jobs.get(request_id)
+            if job is None:  # cancelled meanwhile
+                continue
+            job.events.put_nowait(event)
+            if isinstance(event, (Finished, Failed)):
+                del self.jobs[request_id]
+                self.recent_seconds.append(now - job.submitted)
 
-    def after_token(self, job: Job, token: int, outbox: list) -> bool:
-        """Send what the new token adds to the answer; True when the request is finished."""
-        generated = job.sequence.generated
-        ended = token == self.tokenizer.eos_token_id
-        ids = generated[:-1] if ended else generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        reason = "stop" if ended else None
-        for stop in job.stop:
-            position = text.find(stop)
-            if position >= 0:
-                text, reason = text[:position], "stop"
-        if reason is None and len(ids) >= job.settings.max_new_tokens:
-            reason = "length"
-        if reason is None:
-            # Hold back a character still being spelled out in bytes, and any tail that may begin a stop string.
-            safe = len(text) - held_back(text)
-            for stop in job.stop:
-                for size in range(min(len(stop) - 1, safe), 0, -1):
-                    if text[:safe].endswith(stop[:size]):
-                        safe -= size
-                        break
-            text = text[:safe]
-        if len(text) > job.sent:
-            outbox.append((job, Delta(text[job.sent:])))
-            job.sent = len(text)
-        if reason:
-            outbox.append((job, Finished(reason, len(job.prompt_ids), len(ids))))
-        return reason is not None
+    def worker_gone(self) -> None:
+        self.loop.remove_reader(self.connection.fileno())
+        self.process.join(5)  # its end of the pipe closes as it exits: a moment
+        self.ended = ("the server is shutting down" if self.process.exitcode == 0 else
+                      "the model process ended unexpectedly (the server log has why)")
+        for job in self.jobs.values():
+            job.events.put_nowait(Failed(self.ended))
+        self.jobs = {}
+        if self.process.exitcode not in (0, None):
+            print(f"error: the model process ended with status {self.process.exitcode}; requests are refused "
+                  "until the server is restarted", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
-"""Start-up and shutdown of `serve`: the model loaded and its worker started, uvicorn listening, the URL printed
-once the socket is bound; Ctrl-C or SIGTERM stops accepting connections, lets the requests in flight finish (for
-at most --drain_seconds), stops the worker and returns normally, so the command exits 0."""
+"""Start-up and shutdown of `serve`: the model process started (its model loaded), uvicorn listening, the URL
+printed once the socket is bound; Ctrl-C or SIGTERM stops accepting connections, lets the requests in flight
+finish (for at most --drain_seconds), stops the model process and returns normally, so the command exits 0."""
 import asyncio
 import contextlib
 import signal
@@ -10,6 +10,7 @@ import uvicorn
 
 from serving.app import ServerSettings, create_app
 from serving.scheduler import Scheduler
+from training.memory import freeze_startup_objects
 from utils.errors import UserError
 
 
@@ -17,9 +18,9 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server with our own signal handling: uvicorn re-raises a caught SIGTERM after its graceful
     shutdown, which would kill the process with status 143 instead of letting the command end with 0."""
 
-    def __init__(self, config: uvicorn.Config, url: str):
+    def __init__(self, config: uvicorn.Config, url: str, scheduler: Scheduler):
         super().__init__(config)
-        self.url = url
+        self.url, self.scheduler = url, scheduler
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -46,6 +47,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
+        self.scheduler.listen(asyncio.get_running_loop())
         await super().startup(sockets)
         if self.started:
             print(f"serving on {self.url}  (chat page: {self.url}/ , OpenAI API: {self.url}/v1 ; Ctrl-C stops)",
@@ -57,8 +59,11 @@ def serve(scheduler: Scheduler, settings: ServerSettings, host: str, port: int, 
     shown_host = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=max(drain_seconds, 0.01), lifespan="off")
-    server = DrainingServer(config, f"http://{shown_host}:{port}")
-    scheduler.start()
+    server = DrainingServer(config, f"http://{shown_host}:{port}", scheduler)
+    device = scheduler.start()
+    freeze_startup_objects()  # a full collection here (~0.1 s) would stall every stream too
+    print(f"model {settings.model_id} on {device}, in its own process: batches of up to {scheduler.max_batch}, "
+          f"{scheduler.queue_size} more may wait", file=sys.stderr, flush=True)
     try:
         server.run()
     except SystemExit:  # uvicorn's way of saying that it could not bind (it logged why)

@@ -1,7 +1,8 @@
 """`serve`, started for real on a free loopback port and spoken to as its users would: the official `openai`
 client (whole and streamed answers), raw HTTP for every bad request (OpenAI-shaped errors, never a traceback),
 an API key, a full queue (429), a client that hangs up (its place is freed), SIGTERM (drains, exits 0), requests
-batched together (one arriving mid-generation does not wait), and a headless Chromium typing into the page."""
+batched together (one arriving mid-generation does not wait), the model process killed (errors, not a hang), and
+a headless Chromium typing into the page."""
 import json
 import os
 import subprocess
@@ -319,6 +320,37 @@ def test_the_drain_is_bounded_by_drain_seconds(endless_model):
         running.process.send_signal(__import__("signal").SIGTERM)
         assert running.process.wait(30) == 0 and time.time() - started < 15
         context.__exit__(None, None, None)
+    finally:
+        running.stop()
+
+
+def model_process(server):
+    """The server's model process (serving/worker.py): its python's spawned child, not the resource tracker."""
+    import psutil
+
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        command = " ".join(process.cmdline())
+        if "multiprocessing.spawn" in command and "resource_tracker" not in command:
+            return process
+    raise AssertionError("no model process under the server")
+
+
+@pytest.mark.slow
+def test_when_the_model_process_dies_requests_end_with_an_error_and_health_says_so(endless_model):
+    running = Server(endless_model, max_new_tokens=4000)
+    try:
+        context, lines = long_stream(running)
+        model_process(running).kill()
+        rest = [line for line in lines if line]
+        context.__exit__(None, None, None)
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "unavailable"
+        health = httpx.get(f"{running.url}/health", timeout=30)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        reply = httpx.post(f"{running.url}/v1/chat/completions", timeout=30,
+                           json={"model": running.model_id, "messages": user("x"), "max_tokens": 5})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "unavailable"
+        assert "the model process ended with status -9" in running.log()
+        assert running.terminate() == 0  # and the server still shuts down cleanly
     finally:
         running.stop()
 

@@ -43,7 +43,8 @@ def uss(process: psutil.Process) -> int:
 def freeze_startup_objects() -> None:
     """Exempt every object alive now from later collections: a full gc.collect scans every tracked object, and
     start-up leaves ~400k of them (mostly the modules transformers and torch import), which made each periodic
-    cleanup cost ~170 ms for nothing. They live as long as the run; what training allocates is still collected."""
+    cleanup cost ~170 ms for nothing, and each full collection in `serve` stop every request for as long. They
+    live as long as the process; what it allocates afterwards is still collected."""
     gc.collect()  # garbage of the start-up itself is freed, not frozen
     gc.freeze()
 

@@ -3,7 +3,7 @@ a time), 8 and 32. Every request must come back as a well-formed stream (a role 
 reason, the usage chunk, `data: [DONE]`) — one that does not fails the run. Bounded in count (--requests per
 level) and time (--max_seconds per level).
 
-    python bench/bench_serve.py [--model_dir=DIR] [--requests=64] [--levels=1,8,32] [--rounds=3]
+    python bench/bench_serve.py [--model_dir=DIR] [--requests=512] [--levels=1,8,32] [--rounds=5]
 
 Without --model_dir it trains the demo model first (`train_low_mem.py demo`, a few minutes on 2 cores). Reports
 tokens/s (completion tokens, [EOS] excluded, over the wall time of the level), the speed-up over one client at a
@@ -34,12 +34,12 @@ from tests.cli_helpers import free_port  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", help="a saved demo model (default: train one with `demo`)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level (each client runs its share)")
+    parser.add_argument("--requests", type=int, default=512, help="requests per level (each client runs its share)")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
     parser.add_argument("--max_batch", type=int, default=32, help="serve --max_batch")
     parser.add_argument("--max_tokens", type=int, default=24, help="max_tokens of each request (the demo: 24)")
     parser.add_argument("--max_seconds", type=float, default=300, help="time limit of one level")
-    parser.add_argument("--rounds", type=int, default=3, help="times each level runs, in turn with the others")
+    parser.add_argument("--rounds", type=int, default=5, help="times each level runs, in turn with the others")
     parser.add_argument("--smoke", action="store_true", help="tiny counts (levels 1,2,4): that the script runs")
     args = parser.parse_args()
     if args.smoke:

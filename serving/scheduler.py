@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from config import DecodingSettings
-from serving.worker import Cancel, Failed, Finished, Load, Report, Request, Started, Stop, run_worker
+from serving.worker import (SHUTTING_DOWN, Cancel, Failed, Finished, Load, Report, Request, Started, Stop,
+                            run_worker)
 from utils.errors import UserError
 
 
@@ -53,7 +54,6 @@ class Scheduler:
         self.process = context.Process(target=run_worker, args=(model_dir, max_batch, worker_end),
                                        name="model-worker", daemon=True)
         self.worker_end = worker_end
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> str:
         """Start the worker and wait for its model to load: the device it answers on."""
@@ -70,7 +70,6 @@ class Scheduler:
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on `loop` reads the worker's reports (before the server takes its first request)."""
-        self.loop = loop
         loop.add_reader(self.connection.fileno(), self.read_reports)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -143,9 +142,9 @@ class Scheduler:
                 self.recent_seconds.append(now - job.submitted)
 
     def worker_gone(self) -> None:
-        self.loop.remove_reader(self.connection.fileno())
+        asyncio.get_running_loop().remove_reader(self.connection.fileno())  # called by that loop
         self.process.join(5)  # its end of the pipe closes as it exits: a moment
-        self.ended = ("the server is shutting down" if self.process.exitcode == 0 else
+        self.ended = (SHUTTING_DOWN if self.process.exitcode == 0 else
                       "the model process ended unexpectedly (the server log has why)")
         for job in self.jobs.values():
             job.events.put_nowait(Failed(self.ended))
